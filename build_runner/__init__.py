@@ -1,0 +1,1 @@
+"""Lucity build runner: clones, plans and builds one image inside its Job's pod."""

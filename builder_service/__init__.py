@@ -1,0 +1,1 @@
+"""Lucity builder service: the trusted gRPC front of the build pipeline."""

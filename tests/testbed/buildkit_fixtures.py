@@ -1,0 +1,1 @@
+"""Pytest fixtures for buildkitd and the authenticating registry (filled by the foundation work)."""
