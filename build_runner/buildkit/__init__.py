@@ -1,0 +1,1 @@
+"""A Python BuildKit client: Control (solve, status), the session and its attachables."""
