@@ -1,1 +1,1 @@
-"""Pytest fixtures for etcd, kube-apiserver and kube-controller-manager (filled by the control-plane work)."""
+"""Pytest fixtures for etcd, kube-apiserver and kube-controller-manager."""
