@@ -58,9 +58,14 @@ def generate(out: Path) -> None:
     raw.mkdir(parents=True)
     well_known = str(resources.files("grpc_tools") / "_proto")
     cmd = [
-        sys.executable, "-m", "grpc_tools.protoc",
-        f"-I{PROTO}", f"-I{well_known}",
-        f"--python_out={raw}", f"--pyi_out={raw}", f"--grpc_python_out={raw}",
+        sys.executable,
+        "-m",
+        "grpc_tools.protoc",
+        f"-I{PROTO}",
+        f"-I{well_known}",
+        f"--python_out={raw}",
+        f"--pyi_out={raw}",
+        f"--grpc_python_out={raw}",
         *protos,
     ]
     subprocess.run(cmd, check=True, cwd=PROTO)
@@ -115,7 +120,10 @@ def main() -> int:
                     shutil.rmtree(target)
                 shutil.copytree(out / top, target)
     if drift:
-        print("generated protobuf modules are out of date; run scripts/gen_protos.py:", file=sys.stderr)
+        print(
+            "generated protobuf modules are out of date; run scripts/gen_protos.py:",
+            file=sys.stderr,
+        )
         for name in drift:
             print(f"  {name}", file=sys.stderr)
         return 1
