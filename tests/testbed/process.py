@@ -48,9 +48,9 @@ def pinned_versions() -> dict[str, str]:
 
 def binary(component: str, name: str) -> Path:
     """Path of a cached binary, e.g. binary("buildkit", "buildkitd"); raises if not built."""
-    version = pinned_versions()[f"{component.upper()}_VERSION"]
-    if component == "kubernetes":
-        version = pinned_versions()["K8S_VERSION"]
+    # versions.env spells Kubernetes "K8S"; every other component by its own name.
+    key = "K8S_VERSION" if component == "kubernetes" else f"{component.upper()}_VERSION"
+    version = pinned_versions()[key]
     path = cache_dir() / "bin" / component / version / name
     if not os.access(path, os.X_OK):
         raise DaemonError(
