@@ -36,6 +36,33 @@ install_apt() {
   else
     log "apt: all present"
   fi
+  ensure_buildkit_user
+}
+
+# buildkitd runs rootless as its own unprivileged account (tests/testbed/buildkit.py),
+# which rootlesskit maps through a subordinate id range. Idempotent.
+BUILDKIT_USER=lucity-buildkit
+SUBID_COUNT=65536
+ensure_buildkit_user() {
+  if [[ $EUID -ne 0 ]]; then
+    log "not root: skipping the $BUILDKIT_USER account (buildkitd will run rootless as $(id -un))"
+    return
+  fi
+  if ! id -u "$BUILDKIT_USER" >/dev/null 2>&1; then
+    useradd --system --user-group --no-create-home --home-dir /nonexistent \
+      --shell /usr/sbin/nologin "$BUILDKIT_USER"
+    log "created system user $BUILDKIT_USER (uid $(id -u "$BUILDKIT_USER"))"
+  fi
+  local file start
+  touch /etc/subuid /etc/subgid
+  # Start after every range already handed out (in either file), never below 100000,
+  # so ours overlaps no other user's (uid 1000 may already own 100000-165535).
+  start="$(awk -F: -v min=100000 '{e=$2+$3; if (e>min) min=e} END{print min}' /etc/subuid /etc/subgid)"
+  for file in /etc/subuid /etc/subgid; do
+    grep -q "^$BUILDKIT_USER:" "$file" && continue
+    printf '%s:%s:%s\n' "$BUILDKIT_USER" "$start" "$SUBID_COUNT" >> "$file"
+    log "gave $BUILDKIT_USER $file range $start+$SUBID_COUNT"
+  done
 }
 
 # build_wrapper NAME VERSION WRAPDIR PKG... : build each package path's main into $BIN/NAME/VERSION

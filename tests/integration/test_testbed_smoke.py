@@ -1,0 +1,207 @@
+"""Smoke tests of the BuildKit test bed itself, driven by buildctl.
+
+They prove the claims the rest of the suite relies on: the registry really
+authenticates, credentials reach buildkitd only through the client's session, the
+daemon holds none of its own, and it runs unprivileged with no process sandbox.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import pwd
+import secrets
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.testbed.buildkit import BuildKit, read_image_digest, start_buildkitd
+from tests.testbed.process import DaemonError
+from tests.testbed.registry import Registry
+
+pytestmark = pytest.mark.buildkit
+
+# Files this large under the daemon's state are layer blobs of other tests' images at
+# most; the scan is for small config or credential files.
+SCAN_LIMIT_BYTES = 8 * 1024 * 1024
+
+
+def _scratch_context(directory: Path) -> str:
+    """A context whose single layer is unique to this run, so nothing is cached remotely."""
+    directory.mkdir(parents=True, exist_ok=True)
+    payload = secrets.token_hex(16)
+    (directory / "payload.txt").write_text(payload + "\n")
+    (directory / "Dockerfile").write_text("FROM scratch\nCOPY payload.txt /payload.txt\n")
+    return payload
+
+
+def _dockerfile_build(context: Path, *output: str) -> list[str]:
+    return [
+        "build",
+        "--frontend",
+        "dockerfile.v0",
+        "--local",
+        f"context={context}",
+        "--local",
+        f"dockerfile={context}",
+        *output,
+    ]
+
+
+def test_push_without_client_credentials_is_refused(
+    buildkitd: BuildKit, registry: Registry, empty_docker_config: Path, tmp_path: Path
+) -> None:
+    _scratch_context(tmp_path / "ctx")
+    ref = registry.ref("smoke/no-creds", "v1")
+
+    result = buildkitd.buildctl(
+        *_dockerfile_build(tmp_path / "ctx", "--output", f"type=image,name={ref},push=true"),
+        docker_config=empty_docker_config,
+        check=False,
+    )
+
+    assert result.returncode != 0, result.stderr
+    assert "401 Unauthorized" in result.stderr
+    assert f"failed to push {ref}" in result.stderr
+    assert not registry.tag_exists("smoke/no-creds", "v1")
+
+
+def test_push_with_client_credentials_only_succeeds(
+    buildkitd: BuildKit, registry: Registry, registry_docker_config: Path, tmp_path: Path
+) -> None:
+    _scratch_context(tmp_path / "ctx")
+    ref = registry.ref("smoke/with-creds", "v1")
+    metadata = tmp_path / "metadata.json"
+    # The daemon's own DOCKER_CONFIG is empty, so these can only come from the session.
+    assert list(buildkitd.docker_config.iterdir()) == []
+
+    buildkitd.buildctl(
+        *_dockerfile_build(
+            tmp_path / "ctx",
+            "--output",
+            f"type=image,name={ref},push=true",
+            "--metadata-file",
+            str(metadata),
+        ),
+        docker_config=registry_docker_config,
+    )
+
+    reported = read_image_digest(metadata)
+    assert registry.tag_exists("smoke/with-creds", "v1")
+    assert registry.manifest_digest("smoke/with-creds", "v1") == reported
+    assert registry.status(f"/v2/smoke/with-creds/manifests/{reported}", auth=False) == 401
+
+
+def test_daemon_holds_no_registry_credentials(
+    buildkitd: BuildKit, registry: Registry, registry_docker_config: Path, tmp_path: Path
+) -> None:
+    # Push once first, so a daemon that cached session credentials would have them now.
+    _scratch_context(tmp_path / "ctx")
+    buildkitd.buildctl(
+        *_dockerfile_build(
+            tmp_path / "ctx",
+            "--output",
+            f"type=image,name={registry.ref('smoke/scan', 'v1')},push=true",
+        ),
+        docker_config=registry_docker_config,
+    )
+    secrets_to_find = [
+        registry.password.encode(),
+        base64.b64encode(f"{registry.username}:{registry.password}".encode()),
+    ]
+
+    environ = Path(f"/proc/{buildkitd.pid}/environ").read_bytes().split(b"\0")
+    env = dict(item.split(b"=", 1) for item in environ if b"=" in item)
+    assert env[b"DOCKER_CONFIG"] == str(buildkitd.docker_config).encode()
+    assert list(buildkitd.docker_config.iterdir()) == []
+    for value in env.values():
+        for secret in secrets_to_find:
+            assert secret not in value
+
+    scanned = 0
+    for path in [*buildkitd.state_dir.rglob("*"), buildkitd.log_path]:
+        if path.is_symlink() or not path.is_file() or path.parent.name == "bin":
+            continue
+        if path.stat().st_size > SCAN_LIMIT_BYTES:
+            continue
+        data = path.read_bytes()
+        scanned += 1
+        for secret in secrets_to_find:
+            assert secret not in data, f"registry credential found in {path}"
+    assert scanned > 10  # the scan really read the daemon's state, not an empty dir
+
+
+def test_daemon_runs_unprivileged_without_process_sandbox(buildkitd: BuildKit) -> None:
+    expected_uid = pwd.getpwnam(buildkitd.user).pw_uid if os.geteuid() == 0 else os.geteuid()
+    status = Path(f"/proc/{buildkitd.pid}/status").read_text()
+    uid_line = next(line for line in status.splitlines() if line.startswith("Uid:"))
+    gid_line = next(line for line in status.splitlines() if line.startswith("Gid:"))
+    # Real, effective, saved and filesystem ids, as the host sees them.
+    assert {int(v) for v in uid_line.split()[1:]} == {expected_uid}
+    assert expected_uid != 0
+    assert 0 not in {int(v) for v in gid_line.split()[1:]}
+
+    cmdline = Path(f"/proc/{buildkitd.pid}/cmdline").read_bytes().split(b"\0")
+    assert b"--oci-worker-no-process-sandbox" in cmdline
+    # Rootless means its own user namespace, in which it is mapped from the unprivileged id.
+    assert os.readlink(f"/proc/{buildkitd.pid}/ns/user") != os.readlink("/proc/self/ns/user")
+    uid_map = Path(f"/proc/{buildkitd.pid}/uid_map").read_text().split()
+    assert uid_map[:3] == ["0", str(expected_uid), "1"]
+
+    workers = buildkitd.buildctl("debug", "workers", "--verbose").stdout
+    assert "org.mobyproject.buildkit.worker.oci.process-mode:\tno-sandbox" in workers
+
+
+def test_base_image_runs_build_steps(
+    buildkitd: BuildKit, base_image: str, registry_docker_config: Path, tmp_path: Path
+) -> None:
+    context = tmp_path / "ctx"
+    payload = _scratch_context(context)
+    (context / "Dockerfile").write_text(
+        f"FROM {base_image}\n"
+        "COPY payload.txt /in/payload.txt\n"
+        "RUN mkdir /out && id -u > /out/uid\n"
+        "RUN sha256sum /in/payload.txt | cut -d' ' -f1 > /out/sum\n"
+        "USER 10001\n"
+        "RUN id -u > /tmp/uid-after-user\n"
+        "FROM scratch\n"
+        "COPY --from=0 /out/ /\n"
+        "COPY --from=0 /tmp/uid-after-user /\n"
+    )
+    dest = tmp_path / "export"
+
+    buildkitd.buildctl(
+        *_dockerfile_build(context, "--output", f"type=local,dest={dest}"),
+        docker_config=registry_docker_config,
+    )
+
+    assert (dest / "sum").read_text().strip() == hashlib.sha256(f"{payload}\n".encode()).hexdigest()
+    assert (dest / "uid").read_text().strip() == "0"
+    assert (dest / "uid-after-user").read_text().strip() == "10001"
+
+
+def test_base_image_is_pullable_only_with_credentials(registry: Registry, base_image: str) -> None:
+    repository, tag = base_image.split("/", 1)[1].rsplit(":", 1)
+    media_type, body = registry.manifest(repository, tag)
+    assert media_type == "application/vnd.oci.image.manifest.v1+json"
+    assert json.loads(body)["layers"]
+    assert registry.status(f"/v2/{repository}/manifests/{tag}", auth=False) == 401
+
+
+def test_unstartable_buildkitd_fails_loudly(tmp_path: Path) -> None:
+    log = tmp_path / "bad.log"
+    state_dirs_before = set(Path("/tmp").glob("lucity-buildkitd-*"))
+    started = time.monotonic()
+
+    with pytest.raises(DaemonError) as excinfo:
+        start_buildkitd(extra_args=["--no-such-flag"], log_path=log)
+
+    message = str(excinfo.value)
+    assert "buildkitd exited" in message
+    assert "flag provided but not defined: -no-such-flag" in message
+    assert time.monotonic() - started < 20
+    # A failed start cleans up after itself.
+    assert set(Path("/tmp").glob("lucity-buildkitd-*")) == state_dirs_before
