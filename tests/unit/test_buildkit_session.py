@@ -1,0 +1,348 @@
+"""The session tunnel against an in-process fake Control.Session server.
+
+The fake plays the daemon's transport only: it turns the Session stream back
+into a byte stream on a second Unix socket, where a real grpc.aio client (as
+the daemon's grpc-go client would) calls Health, Auth, Secrets and FileSync
+through the tunnel. The real-daemon proof is tests/integration/test_buildkit_session.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import json
+import os
+import stat
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from build_runner._pb.buildkit import (
+    auth_pb2,
+    auth_pb2_grpc,
+    control_pb2,
+    control_pb2_grpc,
+    filesync_pb2_grpc,
+    secrets_pb2,
+    secrets_pb2_grpc,
+)
+from build_runner._pb.buildkit.fsutil import wire_pb2
+from build_runner.buildkit.auth import Credentials
+from build_runner.buildkit.errors import SessionError
+from build_runner.buildkit.session import Session
+from tests.unit.fsutil_receiver import FakeReceiver
+
+SECRET_PASSWORD = "pw-7f1c9e-never-on-disk"
+SECRET_VALUE = b"secret-value-3b8a-never-on-disk"
+
+
+class FakeControl(control_pb2_grpc.ControlServicer):
+    """A Control server whose Session bridges the stream to a Unix socket."""
+
+    def __init__(self, tunnel_path: str) -> None:
+        self.tunnel_path = tunnel_path
+        self.metadata: list[tuple[str, str]] = []
+        self.listening = asyncio.Event()
+        self.break_tunnel = asyncio.Event()
+        self.ended = asyncio.Event()
+
+    async def Session(
+        self,
+        request_iterator: AsyncIterator[control_pb2.BytesMessage],
+        context: grpc.aio.ServicerContext[control_pb2.BytesMessage, control_pb2.BytesMessage],
+    ) -> None:
+        self.metadata = [(k, str(v)) for k, v in context.invocation_metadata() or ()]
+        await context.send_initial_metadata(())
+        connected: asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = (
+            asyncio.get_running_loop().create_future()
+        )
+
+        async def accept(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            connected.set_result((r, w))
+
+        server = await asyncio.start_unix_server(accept, self.tunnel_path)
+        self.listening.set()
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            breaker = asyncio.create_task(self.break_tunnel.wait())
+            waiters: list[asyncio.Future[Any]] = [connected, breaker]
+            done, _ = await asyncio.wait(waiters, return_when="FIRST_COMPLETED")
+            if breaker in done:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "fake daemon went away")
+            breaker.cancel()
+            reader, writer = connected.result()
+
+            async def to_daemon() -> None:
+                async for message in request_iterator:
+                    writer.write(message.data)
+                    await writer.drain()
+
+            async def from_daemon() -> None:
+                while data := await reader.read(65536):
+                    await context.write(control_pb2.BytesMessage(data=data))
+
+            tasks = [asyncio.create_task(to_daemon()), asyncio.create_task(from_daemon())]
+            breaker = asyncio.create_task(self.break_tunnel.wait())
+            await asyncio.wait([*tasks, breaker], return_when="FIRST_COMPLETED")
+            breaker.cancel()
+            writer.close()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if self.break_tunnel.is_set():
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "fake daemon went away")
+        finally:
+            for task in tasks:
+                task.cancel()
+            server.close()
+            self.ended.set()
+
+
+@pytest.fixture
+async def fake_daemon(
+    tmp_path: Path,
+) -> AsyncIterator[tuple[FakeControl, control_pb2_grpc.ControlStub, grpc.aio.Channel]]:
+    control_path = str(tmp_path / "control.sock")
+    fake = FakeControl(str(tmp_path / "tunnel.sock"))
+    server = grpc.aio.server()
+    control_pb2_grpc.add_ControlServicer_to_server(fake, server)  # type: ignore[no-untyped-call]
+    server.add_insecure_port(f"unix:{control_path}")
+    await server.start()
+    control_channel = grpc.aio.insecure_channel(f"unix:{control_path}")
+    tunnel_channel = grpc.aio.insecure_channel(f"unix:{fake.tunnel_path}")
+    stub = control_pb2_grpc.ControlStub(control_channel)  # type: ignore[no-untyped-call]
+    try:
+        yield fake, stub, tunnel_channel
+    finally:
+        await tunnel_channel.close(None)
+        await control_channel.close(None)
+        await server.stop(None)
+
+
+def _credentials() -> Credentials:
+    auth = base64.b64encode(f"builder:{SECRET_PASSWORD}".encode()).decode()
+    return Credentials.from_json(json.dumps({"auths": {"127.0.0.1:5000": {"auth": auth}}}))
+
+
+@pytest.fixture
+def context_dir(tmp_path: Path) -> Path:
+    root = tmp_path / "ctx"
+    (root / "src").mkdir(parents=True)
+    (root / "src" / "main.py").write_bytes(b"print('hi')\n")
+    (root / "big.bin").write_bytes(os.urandom(700_000))
+    (root / "skip.log").write_bytes(b"log")
+    (root / "ünï côdé").write_bytes(b"odd")
+    (root / "link").symlink_to("src/main.py")
+    for i in range(300):
+        (root / "src" / f"small{i:03}.txt").write_bytes(f"file {i}\n".encode() * (i % 7))
+    return root
+
+
+async def _diffcopy(
+    channel: grpc.aio.Channel, metadata: list[tuple[str, str]], receiver: FakeReceiver
+) -> None:
+    stub = filesync_pb2_grpc.FileSyncStub(channel)  # type: ignore[no-untyped-call]
+    call = stub.DiffCopy(metadata=metadata)
+    while not receiver.finished:
+        packet = await call.read()
+        assert isinstance(packet, wire_pb2.Packet), f"stream ended early: {packet!r}"
+        for answer in receiver.receive(packet):
+            await call.write(answer)
+    await call.done_writing()
+    assert await call.code() == grpc.StatusCode.OK
+
+
+async def test_headers_and_every_attachable_through_the_tunnel(
+    fake_daemon: tuple[FakeControl, control_pb2_grpc.ControlStub, grpc.aio.Channel],
+    context_dir: Path,
+) -> None:
+    fake, stub, tunnel = fake_daemon
+    session = Session(
+        credentials=_credentials(),
+        local_dirs={"context": context_dir},
+        secrets={"token": SECRET_VALUE},
+        shared_key="key-1",
+    )
+    async with asyncio.timeout(60), session.attach(stub):
+        await fake.listening.wait()
+        headers: dict[str, list[str]] = {}
+        for key, value in fake.metadata:
+            headers.setdefault(key, []).append(value)
+        assert headers["x-docker-expose-session-uuid"] == [session.id]
+        assert len(session.id) == 25
+        assert headers["x-docker-expose-session-sharedkey"] == ["key-1"]
+        methods = headers["x-docker-expose-session-grpc-method"]
+        for expected in [
+            "/grpc.health.v1.Health/Check",
+            "/moby.filesync.v1.Auth/Credentials",
+            "/moby.filesync.v1.Auth/GetTokenAuthority",
+            "/moby.filesync.v1.FileSync/DiffCopy",
+            "/moby.buildkit.secrets.v1.Secrets/GetSecret",
+        ]:
+            assert expected in methods
+
+        health = health_pb2_grpc.HealthStub(tunnel)
+        reply = await health.Check(health_pb2.HealthCheckRequest(service=""))
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+        auth = auth_pb2_grpc.AuthStub(tunnel)  # type: ignore[no-untyped-call]
+        creds = await auth.Credentials(auth_pb2.CredentialsRequest(Host="127.0.0.1:5000"))
+        assert (creds.Username, creds.Secret) == ("builder", SECRET_PASSWORD)
+        unknown = await auth.Credentials(auth_pb2.CredentialsRequest(Host="other:5000"))
+        assert (unknown.Username, unknown.Secret) == ("", "")
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await auth.GetTokenAuthority(auth_pb2.GetTokenAuthorityRequest(Host="x"))
+        assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+        secrets = secrets_pb2_grpc.SecretsStub(tunnel)  # type: ignore[no-untyped-call]
+        got = await secrets.GetSecret(secrets_pb2.GetSecretRequest(ID="token"))
+        assert got.data == SECRET_VALUE
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await secrets.GetSecret(secrets_pb2.GetSecretRequest(ID="nope"))
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+        receiver = FakeReceiver(eager=True)
+        metadata = [
+            ("dir-name", "context"),
+            ("exclude-patterns", "*.log"),
+            ("exclude-patterns", "%C3%BCn%C3%AF+*"),  # query-escaped "ünï *"
+            ("exclude-patterns-encoded", "1"),
+        ]
+        await _diffcopy(tunnel, metadata, receiver)
+        digests = receiver.digests()
+        assert "skip.log" not in receiver.by_path()
+        assert "ünï côdé" not in receiver.by_path()
+        assert receiver.by_path()["link"].linkname == "src/main.py"
+        for rel in ["big.bin", "src/main.py", "src/small299.txt", "src/small000.txt"]:
+            assert digests[rel] == hashlib.sha256((context_dir / rel).read_bytes()).hexdigest()
+        assert len(digests) == 302
+
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await _diffcopy(tunnel, [("dir-name", "other")], FakeReceiver())
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "no access allowed" in (info.value.details() or "")
+        assert not session.failed.is_set()
+
+
+async def test_socket_is_private_and_secrets_stay_off_disk(
+    fake_daemon: tuple[FakeControl, control_pb2_grpc.ControlStub, grpc.aio.Channel],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fake, stub, tunnel = fake_daemon
+    scratch = tmp_path / "t"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    session = Session(credentials=_credentials(), secrets={"token": SECRET_VALUE})
+    async with asyncio.timeout(30), session.attach(stub):
+        await fake.listening.wait()
+        assert session.socket_path is not None
+        private = Path(session.socket_path).parent
+        # A TMPDIR too long for a socket path falls back to /tmp.
+        expected_parent = scratch if len(str(scratch)) < 80 else Path("/tmp")
+        assert private.parent == expected_parent
+        info = private.stat()
+        assert stat.S_IMODE(info.st_mode) == 0o700
+        assert info.st_uid == os.getuid()
+        assert os.listdir(private) == ["session.sock"]
+        assert stat.S_ISSOCK(os.lstat(session.socket_path).st_mode)
+        auth = auth_pb2_grpc.AuthStub(tunnel)  # type: ignore[no-untyped-call]
+        await auth.Credentials(auth_pb2.CredentialsRequest(Host="127.0.0.1:5000"))
+        secrets = secrets_pb2_grpc.SecretsStub(tunnel)  # type: ignore[no-untyped-call]
+        await secrets.GetSecret(secrets_pb2.GetSecretRequest(ID="token"))
+    assert not private.exists()
+    assert session.socket_path is None
+    for dirpath, _, files in os.walk(tmp_path):
+        for name in files:
+            path = Path(dirpath) / name
+            if path.is_file() and not path.is_symlink():
+                data = path.read_bytes()
+                assert SECRET_PASSWORD.encode() not in data, path
+                assert SECRET_VALUE not in data, path
+    assert SECRET_PASSWORD not in repr(session)
+    assert "token" in repr(session)
+
+
+async def test_broken_tunnel_sets_failed_with_a_clear_error(
+    fake_daemon: tuple[FakeControl, control_pb2_grpc.ControlStub, grpc.aio.Channel],
+) -> None:
+    fake, stub, tunnel = fake_daemon
+    session = Session()
+    before = asyncio.all_tasks()
+    async with asyncio.timeout(30), session.attach(stub):
+        await fake.listening.wait()
+        health = health_pb2_grpc.HealthStub(tunnel)
+        await health.Check(health_pb2.HealthCheckRequest(service=""))
+        fake.break_tunnel.set()
+        await session.failed.wait()
+    assert isinstance(session.error, SessionError)
+    assert "UNAVAILABLE" in str(session.error)
+    assert "fake daemon went away" in str(session.error)
+    assert session.error.code == grpc.StatusCode.UNAVAILABLE
+    await asyncio.sleep(0)
+    leaked = {t for t in asyncio.all_tasks() - before if not t.done()}
+    assert not {t.get_name() for t in leaked if t.get_name().startswith("session-")}
+
+
+async def test_clean_exit_leaves_no_failure_and_no_tasks(
+    fake_daemon: tuple[FakeControl, control_pb2_grpc.ControlStub, grpc.aio.Channel],
+) -> None:
+    fake, stub, _ = fake_daemon
+    session = Session()
+    async with asyncio.timeout(30):
+        async with session.attach(stub):
+            await fake.listening.wait()
+        await fake.ended.wait()
+    assert not session.failed.is_set()
+    assert session.error is None
+    names = {t.get_name() for t in asyncio.all_tasks() if not t.done()}
+    assert not {n for n in names if n.startswith(("session-", "diffcopy-"))}
+
+
+async def test_dead_daemon_fails_fast(tmp_path: Path) -> None:
+    channel = grpc.aio.insecure_channel(f"unix:{tmp_path / 'nobody-listens.sock'}")
+    stub = control_pb2_grpc.ControlStub(channel)  # type: ignore[no-untyped-call]
+    session = Session(connect_timeout_s=20)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    try:
+        with pytest.raises(SessionError, match="UNAVAILABLE") as info:
+            async with asyncio.timeout(30), session.attach(stub):
+                pytest.fail("attached to a daemon that does not exist")
+    finally:
+        await channel.close(None)
+    assert loop.time() - started < 10
+    assert info.value.code == grpc.StatusCode.UNAVAILABLE
+    assert "No such file or directory" in str(info.value)
+
+
+async def test_silent_daemon_times_out(tmp_path: Path) -> None:
+    class SilentControl(control_pb2_grpc.ControlServicer):
+        async def Session(
+            self,
+            request_iterator: AsyncIterator[control_pb2.BytesMessage],
+            context: grpc.aio.ServicerContext[control_pb2.BytesMessage, control_pb2.BytesMessage],
+        ) -> None:
+            await asyncio.sleep(3600)
+
+    server = grpc.aio.server()
+    control_pb2_grpc.add_ControlServicer_to_server(SilentControl(), server)  # type: ignore[no-untyped-call]
+    server.add_insecure_port(f"unix:{tmp_path / 'c.sock'}")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"unix:{tmp_path / 'c.sock'}")
+    stub = control_pb2_grpc.ControlStub(channel)  # type: ignore[no-untyped-call]
+    try:
+        with pytest.raises(SessionError, match="did not answer"):
+            async with asyncio.timeout(30), Session(connect_timeout_s=0.5).attach(stub):
+                pytest.fail("attached to a daemon that never answered")
+    finally:
+        await channel.close(None)
+        with contextlib.suppress(Exception):
+            await server.stop(None)
