@@ -485,6 +485,51 @@ def git(
     return State(output=Output(op, 0))
 
 
+def http(
+    url: str,
+    *,
+    filename: str = "",
+    perm: int = 0,
+    uid: int = 0,
+    gid: int = 0,
+    checksum: str = "",
+    name: str | None = None,
+    ignore_cache: bool = False,
+) -> State:
+    """A single file the daemon downloads itself (`https://` or `http://`).
+
+    The result holds one file, `/<filename>` (default: the URL's last path part).
+    `perm` 0 keeps the daemon's default (0600); `checksum` is a `sha256:` digest.
+    """
+    if not url.startswith(("https://", "http://")):
+        raise ValueError(f"http source needs an http(s) URL, not {url!r}")
+    attrs: dict[str, str] = {}
+    caps = {"source.http"}
+    if checksum:
+        attrs["http.checksum"] = checksum
+        caps.add("source.http.checksum")
+    if filename:
+        attrs["http.filename"] = filename
+    if perm:
+        attrs["http.perm"] = "0" + format(perm, "o")
+        caps.add("source.http.perm")
+    if uid or gid:
+        # BuildKit's cap id really is spelled "soruce" (solver/pb/caps.go).
+        caps.add("soruce.http.uidgid")
+    if uid:
+        attrs["http.uid"] = str(uid)
+    if gid:
+        attrs["http.gid"] = str(gid)
+    op = SourceOp(
+        identifier=url,
+        attrs=tuple(sorted(attrs.items())),
+        caps=frozenset(caps),
+        platform=None,
+        options=_options(name, ignore_cache),
+    )
+    return State(output=Output(op, 0))
+
+
 def merge(states: Sequence[State], *, name: str | None = None, ignore_cache: bool = False) -> State:
     """Stack the states' filesystems in order (later wins), as one MergeOp.
 
@@ -524,6 +569,7 @@ __all__ = [
     "copy",
     "diff",
     "git",
+    "http",
     "image",
     "local",
     "merge",
