@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import gzip
 import hashlib
 import io
@@ -148,8 +149,17 @@ def _registry_get(registry: Registry, path: str, accept: str | None = None) -> b
         return data
 
 
-def pushed_layers(registry: Registry, repository: str, tag: str) -> list[tarfile.TarFile]:
-    """Every layer of a pushed single-platform image, opened as tar archives."""
+@dataclasses.dataclass(frozen=True)
+class LayerEntry:
+    info: tarfile.TarInfo
+    data: bytes | None
+
+
+Layer = dict[str, LayerEntry]
+
+
+def pushed_layers(registry: Registry, repository: str, tag: str) -> list[Layer]:
+    """Every layer of a pushed single-platform image: path -> header and content."""
     _, raw = registry.manifest(repository, tag)
     manifest = json.loads(raw)
     layers = []
@@ -158,12 +168,23 @@ def pushed_layers(registry: Registry, repository: str, tag: str) -> list[tarfile
         assert hashlib.sha256(blob).hexdigest() == layer["digest"].removeprefix("sha256:")
         if layer["mediaType"].endswith("gzip"):
             blob = gzip.decompress(blob)
-        layers.append(tarfile.open(fileobj=io.BytesIO(blob)))
+        entries: Layer = {}
+        with tarfile.open(fileobj=io.BytesIO(blob)) as archive:
+            for info in archive.getmembers():
+                extracted = archive.extractfile(info) if info.isfile() else None
+                data = extracted.read() if extracted is not None else None
+                entries[info.name.rstrip("/")] = LayerEntry(info, data)
+        layers.append(entries)
     return layers
 
 
-def members(layer: tarfile.TarFile) -> dict[str, tarfile.TarInfo]:
-    return {m.name.rstrip("/"): m for m in layer.getmembers()}
+def tree(root: Path) -> set[str]:
+    """Every path below root, relative, as a layer lists them."""
+    return {
+        os.path.relpath(os.path.join(d, n), root)
+        for d, dirs, files in os.walk(root)
+        for n in dirs + files
+    }
 
 
 def credentials_for(registry: Registry) -> Credentials:
@@ -222,19 +243,14 @@ async def test_local_context_arrives_intact(
     assert response["containerimage.digest"].startswith("sha256:")
 
     (layer,) = pushed_layers(registry, "session/odd", tag)
-    got = members(layer)
+    got = {name: entry.info for name, entry in layer.items()}
     for name in ODD_NAMES:
-        member = got[name]
-        assert member.isfile()
-        extracted = layer.extractfile(member)
-        assert extracted is not None
-        assert extracted.read() == name.encode() + b"\n"
-    big = layer.extractfile(got["big.bin"])
+        assert got[name].isfile()
+        assert layer[name].data == name.encode() + b"\n"
+    big = layer["big.bin"].data
     assert big is not None
-    assert (
-        hashlib.sha256(big.read()).digest()
-        == hashlib.sha256((odd_context / "big.bin").read_bytes()).digest()
-    )
+    expected_big = hashlib.sha256((odd_context / "big.bin").read_bytes()).hexdigest()
+    assert hashlib.sha256(big).hexdigest() == expected_big
     assert got["run.sh"].mode == 0o755
     assert got["private.txt"].mode == 0o600
     assert got["sticky"].isdir()
@@ -246,12 +262,7 @@ async def test_local_context_arrives_intact(
     assert got["hard2"].islnk() or got["hard1"].islnk()
     assert int(got["a/b"].mtime) == MTIME_NS // 1_000_000_000
     assert {(m.uid, m.gid) for m in got.values()} == {(0, 0)}
-    on_disk = {
-        os.path.relpath(os.path.join(d, n), odd_context)
-        for d, dirs, files in os.walk(odd_context)
-        for n in dirs + files
-    }
-    assert set(got) == on_disk
+    assert set(got) == tree(odd_context)
 
 
 async def test_include_and_exclude_patterns(
@@ -285,7 +296,7 @@ async def test_include_and_exclude_patterns(
     session = Session(credentials=credentials_for(registry), local_dirs={"context": root})
     await solve(control, session, graph.definition(context), push=registry.ref("session/pat", tag))
     (layer,) = pushed_layers(registry, "session/pat", tag)
-    assert sorted(members(layer)) == [
+    assert sorted(layer) == [
         "important.log",
         "node_modules",
         "node_modules/keep",
@@ -315,12 +326,11 @@ async def test_secret_mount_readable_in_run(
     session = Session(credentials=credentials_for(registry), secrets={"token": value})
     await solve(control, session, graph.definition(step), push=registry.ref("session/secret", tag))
     layers = pushed_layers(registry, "session/secret", tag)
-    got = members(layers[-1])
-    summed = layers[-1].extractfile(got["secret.sum"])
+    summed = layers[-1]["secret.sum"].data
     assert summed is not None
-    assert summed.read().split()[0].decode() == hashlib.sha256(value).hexdigest()
+    assert summed.split()[0].decode() == hashlib.sha256(value).hexdigest()
     # The mount is not part of the image.
-    assert all("run/secrets/token" not in m for layer in layers for m in members(layer))
+    assert all("run/secrets/token" not in path for layer in layers for path in layer)
 
 
 async def test_unknown_secret_fails_the_step(
