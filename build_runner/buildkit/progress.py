@@ -67,8 +67,9 @@ class VertexState:
     # start ns -> stop ns (None while running); a vertex can run more than once.
     intervals: dict[int, int | None] = field(default_factory=dict)
     printed_completion: int | None = None
-    partial_log: bytes = b""
-    partial_log_started_ns: int = 0
+    # Unfinished last line per stream (1 stdout, 2 stderr) and when it began:
+    # keeping streams apart stops "abc" + stderr line + "\n" mixing into one line.
+    partial_logs: dict[int, tuple[bytes, int]] = field(default_factory=dict)
     log_tail: collections.deque[str] = field(
         default_factory=lambda: collections.deque(maxlen=LOG_TAIL_LINES)
     )
@@ -163,9 +164,12 @@ class PlainProgress:
         """Flush partial log lines at the end of the stream."""
         lines: list[str] = []
         for v in self._vertices.values():
-            if v.partial_log:
-                lines.append(self._format_log(v, v.partial_log, v.partial_log_started_ns))
-                v.partial_log = b""
+            lines.extend(self._flush_partial(v))
+        return lines
+
+    def _flush_partial(self, v: VertexState) -> list[str]:
+        lines = [self._format_log(v, data, at) for data, at in v.partial_logs.values() if data]
+        v.partial_logs.clear()
         return lines
 
     def _status_line(self, v: VertexState, st: control_pb2.VertexStatus) -> str | None:
@@ -204,22 +208,18 @@ class PlainProgress:
 
     def _log_lines(self, v: VertexState, log: control_pb2.VertexLog) -> list[str]:
         at = _ns(log.timestamp) if log.HasField("timestamp") else 0
-        data = v.partial_log + log.msg
-        start_ns = v.partial_log_started_ns if v.partial_log else at
-        *complete, rest = data.split(b"\n")
+        pending, start_ns = v.partial_logs.pop(log.stream, (b"", at))
+        *complete, rest = (pending + log.msg).split(b"\n")
         lines = []
         for i, chunk in enumerate(complete):
             # A line continued from an earlier message keeps that message's time.
             lines.append(self._format_log(v, chunk, start_ns if i == 0 else at))
-        v.partial_log = rest
-        v.partial_log_started_ns = start_ns if not complete else at
+        if rest:
+            v.partial_logs[log.stream] = (rest, start_ns if not complete else at)
         return lines
 
     def _completion(self, v: VertexState) -> list[str]:
-        lines = []
-        if v.partial_log:
-            lines.append(self._format_log(v, v.partial_log, v.partial_log_started_ns))
-            v.partial_log = b""
+        lines = self._flush_partial(v)
         v.printed_completion = v.started_ns
         n = self._number(v)
         if v.error:

@@ -66,11 +66,21 @@ def test_logs_split_into_lines_with_elapsed_time() -> None:
     # The partial "hel" is completed by the next chunk and keeps its first timestamp.
     assert out == ["#1 0.500 hello"]
     out = p.feed(
-        msg(logs=[control_pb2.VertexLog(vertex="r", timestamp=ts(22.0), msg=b"ld\nnext\n")])
+        msg(
+            logs=[
+                control_pb2.VertexLog(vertex="r", timestamp=ts(22.0), stream=1, msg=b"ld\nnext\n")
+            ]
+        )
     )
     assert out == ["#1 0.600 world", "#1 12.00 next"]
     out = p.feed(
-        msg(logs=[control_pb2.VertexLog(vertex="r", timestamp=ts(130.0), msg=b"tail no newline")])
+        msg(
+            logs=[
+                control_pb2.VertexLog(
+                    vertex="r", timestamp=ts(130.0), stream=1, msg=b"tail no newline"
+                )
+            ]
+        )
     )
     assert out == []
     # Completion flushes the partial line before the outcome.
@@ -188,3 +198,18 @@ def test_format_bytes() -> None:
     assert format_bytes(1023) == "1023B"
     assert format_bytes(1024) == "1.00KiB"
     assert format_bytes(5 * 1024**3 // 2) == "2.50GiB"
+
+
+def test_stdout_and_stderr_partial_lines_stay_apart() -> None:
+    p = PlainProgress()
+    p.feed(msg(vertexes=[vertex("r", "RUN", started=0.0)]))
+    out = p.feed(
+        msg(
+            logs=[
+                control_pb2.VertexLog(vertex="r", timestamp=ts(0.1), stream=1, msg=b"token"),
+                control_pb2.VertexLog(vertex="r", timestamp=ts(0.2), stream=2, msg=b"warning\n"),
+                control_pb2.VertexLog(vertex="r", timestamp=ts(0.3), stream=1, msg=b"\n"),
+            ]
+        )
+    )
+    assert out == ["#1 0.200 warning", "#1 0.100 token"]
