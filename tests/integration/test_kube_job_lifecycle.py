@@ -17,7 +17,13 @@ from kubernetes_asyncio import client
 
 from build_runner.annotate import REPORT_ANNOTATION
 from builder_service._pb.lucity.builder.v1 import builder_pb2, result_pb2
-from tests.integration.kube_jobs import JOB_NAME_LABEL, build_job, eventually, job_condition
+from tests.integration.kube_jobs import (
+    JOB_NAME_LABEL,
+    build_job,
+    eventually,
+    job_condition,
+    status_of,
+)
 from tests.testbed.kube import ControlPlane
 from tests.testbed.kube_fixtures import Identities, LucityCluster
 from tests.testbed.node import FakeKubelet
@@ -121,6 +127,19 @@ async def test_job_created_by_builder_reports_completes_and_is_deleted(
 
     await eventually(pods_gone, what=f"garbage collection of {name}'s pod", timeout_s=60)
     assert "report written" in run.log()
+
+    # The token the pod was given is bound to the pod: with the pod gone, the API
+    # server stops accepting it (401), unlike a long-lived Secret-based token. Not at
+    # once: kube-apiserver caches a successful token review for 10 s by default.
+    (token_file,) = run.log_path.parent.glob("volumes/kube-api-access-*/token")
+    pod_token = client.ApiClient(kube_control_plane.token_configuration(token_file.read_text()))
+    async with pod_token:
+
+        async def rejected() -> bool | None:
+            status = await status_of(client.BatchV1Api(pod_token).list_namespaced_job(ns))
+            return True if status == 401 else None
+
+        await eventually(rejected, what="the dead pod's token to be rejected", timeout_s=30)
 
 
 async def test_failing_runner_fails_the_job(

@@ -7,8 +7,11 @@ RBAC allowed and the request failed later for lack of an object or a node.
 
 from __future__ import annotations
 
+import asyncio
+import sys
 import uuid
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -242,3 +245,39 @@ async def test_builder_is_forbidden(
     jobs: dict[str, str],
 ) -> None:
     assert await status_of(request_(builder_api, lucity_cluster, jobs)) == 403, what
+
+
+async def test_separate_process_acts_as_service_account_via_kubeconfig(
+    tmp_path: Path, lucity_cluster: LucityCluster, kube_identities: Identities
+) -> None:
+    """Identities.kubeconfig_for: another process authenticates as lucity-build-job."""
+    ns = lucity_cluster.builds_namespace
+    kubeconfig = await kube_identities.kubeconfig_for(
+        ns, lucity_cluster.build_job_service_account, tmp_path / "build-job.kubeconfig"
+    )
+    script = (
+        "import asyncio, sys\n"
+        "from kubernetes_asyncio import client, config\n"
+        "async def main():\n"
+        "    api = await config.new_client_from_config(config_file=sys.argv[1])\n"
+        "    async with api:\n"
+        "        await client.BatchV1Api(api).list_namespaced_job(sys.argv[2])\n"
+        "        print('jobs: ok')\n"
+        "        try:\n"
+        "            await client.CoreV1Api(api).list_namespaced_secret(sys.argv[2])\n"
+        "        except client.ApiException as exc:\n"
+        "            print('secrets:', exc.status)\n"
+        "asyncio.run(main())\n"
+    )
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        script,
+        str(kubeconfig),
+        ns,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await asyncio.wait_for(process.communicate(), timeout=60)
+    assert process.returncode == 0, output.decode()
+    assert output.decode().splitlines() == ["jobs: ok", "secrets: 403"]
