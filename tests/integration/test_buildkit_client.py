@@ -1,7 +1,7 @@
-"""BuildkitClient against the real rootless buildkitd of the test bed (no session).
+"""BuildkitClient against the real rootless buildkitd of the test bed.
 
 Without a session the daemon cannot pull from the authenticating test registry, so
-the root filesystem is assembled in LLB: Debian's static busybox is downloaded by
+most tests assemble their root filesystem in LLB: Debian's static busybox is downloaded by
 the daemon itself (an `http://` source) from a file server on loopback, then
 copied into scratch with file ops.
 """
@@ -23,14 +23,17 @@ import pytest
 
 from build_runner import llb
 from build_runner._pb.buildkit import control_pb2
+from build_runner.buildkit.auth import Credentials
 from build_runner.buildkit.client import BuildkitClient, ConnectOptions
 from build_runner.buildkit.errors import (
     BuildkitUnavailableError,
+    SessionError,
     SolveCancelledError,
     SolveError,
 )
 from build_runner.buildkit.exports import Exporter, HistoryEntry, ImageConfig, ImageExport
 from build_runner.buildkit.progress import PlainProgress
+from build_runner.buildkit.session import Session
 from tests.testbed.buildkit import BuildKit, start_buildkitd
 from tests.testbed.process import free_port
 
@@ -273,3 +276,43 @@ async def test_killed_daemon_ends_solve_with_unavailable(busybox_url: str) -> No
         # A killed daemon can't reap its step; don't leave the sleep behind.
         for pid in sleeping_pids(marker):
             os.kill(pid, signal.SIGKILL)
+
+
+async def test_session_credentials_pull_base_image(
+    client: BuildkitClient, base_image: str, registry_docker_config: Path
+) -> None:
+    """solve(session=...) attaches the session and routes the pull's 401 through it."""
+    plat = await client.default_platform()
+    token = secrets.token_hex(8)
+    st = llb.image(base_image, platform=plat, name="base").run(
+        ["/bin/sh", "-c", f"echo {token}"], name="echo"
+    )
+    definition = llb.marshal(st, platform=plat)
+    lines: list[str] = []
+    progress = PlainProgress()
+    session = Session(credentials=Credentials.from_docker_config_dir(registry_docker_config))
+    await client.solve(
+        definition, session=session, on_progress=lambda m: lines.extend(progress.feed(m))
+    )
+    assert any(line.endswith(f" {token}") for line in lines), lines
+    # Without credentials the same pull is refused by the registry.
+    with pytest.raises(SolveError, match="401"):
+        await client.solve(
+            llb.marshal(llb.image(base_image, platform=plat).run("true", ignore_cache=True)),
+            session=Session(),
+        )
+
+
+async def test_one_attached_session_serves_several_solves(
+    client: BuildkitClient, base_image: str, registry_docker_config: Path
+) -> None:
+    plat = await client.default_platform()
+    session = Session(credentials=Credentials.from_docker_config_dir(registry_docker_config))
+    async with client.attach(session):
+        for i in range(2):
+            st = llb.image(base_image, platform=plat).run(f"echo {i}", ignore_cache=True)
+            await client.solve(llb.marshal(st, platform=plat), session=session)
+        assert not session.failed.is_set()
+        with pytest.raises(SessionError, match="already attached"):
+            async with client.attach(session):
+                pass
