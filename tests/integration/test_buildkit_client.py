@@ -316,3 +316,33 @@ async def test_one_attached_session_serves_several_solves(
         with pytest.raises(SessionError, match="already attached"):
             async with client.attach(session):
                 pass
+
+
+async def test_session_failure_fails_the_solve_and_stops_the_build(
+    client: BuildkitClient, base_image: str, registry_docker_config: Path
+) -> None:
+    """A session that reports failure mid-build ends the solve with its SessionError.
+
+    The failure is raised through the session's public signal (`error` + `failed`),
+    the same one its tunnel watcher sets; breaking the real tunnel from outside is
+    the session's own tests' business.
+    """
+    plat = await client.default_platform()
+    marker = f"{secrets.randbelow(10**6)}.{secrets.randbelow(1000):03d}"
+    session = Session(credentials=Credentials.from_docker_config_dir(registry_docker_config))
+    st = llb.image(base_image, platform=plat).run(f"sleep {marker}", name="sleep")
+    task = asyncio.create_task(client.solve(llb.marshal(st, platform=plat), session=session))
+    deadline = time.monotonic() + 60
+    while not sleeping_pids(marker):
+        assert not task.done(), task
+        assert time.monotonic() < deadline, "the sleep step never started"
+        await asyncio.sleep(0.1)
+
+    session.error = SessionError("tunnel closed under test")
+    session.failed.set()
+    with pytest.raises(SessionError, match="tunnel closed under test"):
+        await task
+    failed_at = time.monotonic()
+    while sleeping_pids(marker):
+        assert time.monotonic() - failed_at < 15, "daemon kept running after the session failed"
+        await asyncio.sleep(0.1)
