@@ -117,16 +117,24 @@ async def test_deleting_a_running_job_kills_its_process(
     await batch.create_namespaced_job(ns, job)
     core = client.CoreV1Api(kube_admin)
 
-    async def running() -> None:
+    async def running() -> str:
         while True:
             pods = await core.list_namespaced_pod(
                 ns, label_selector=f"batch.kubernetes.io/job-name={name}"
             )
-            if any(p.status.phase == "Running" for p in pods.items):
-                return
+            for pod in pods.items:
+                if pod.status.phase == "Running":
+                    return str(pod.metadata.name)
             await asyncio.sleep(0.2)
 
-    await asyncio.wait_for(running(), timeout=60)
+    pod_name = await asyncio.wait_for(running(), timeout=60)
+    # pods/log is allowed for the builder; with no node to proxy to, the apiserver
+    # answers 204 No Content (see tests/testbed/KUBERNETES.md, "Pod logs").
+    body, status, _ = await client.CoreV1Api(builder).read_namespaced_pod_log_with_http_info(
+        pod_name, ns
+    )
+    assert status == 204
+    assert not body
     await batch.delete_namespaced_job(name, ns, propagation_policy="Background")
 
     run = await fake_kubelet.wait_for_run(job_name=name, timeout_s=60)
