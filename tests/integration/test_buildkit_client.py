@@ -290,11 +290,18 @@ async def test_session_credentials_pull_base_image(
     definition = llb.marshal(st, platform=plat)
     lines: list[str] = []
     progress = PlainProgress()
+    daemon_digests: set[str] = set()
+
+    def on_progress(message: control_pb2.StatusResponse) -> None:
+        daemon_digests.update(v.digest for v in message.vertexes)
+        lines.extend(progress.feed(message))
+
     session = Session(credentials=Credentials.from_docker_config_dir(registry_docker_config))
-    await client.solve(
-        definition, session=session, on_progress=lambda m: lines.extend(progress.feed(m))
-    )
+    await client.solve(definition, session=session, on_progress=on_progress)
     assert any(line.endswith(f" {token}") for line in lines), lines
+    # An image source with a platform keeps the daemon's digest too.
+    ours = set(definition.metadata) - {llb.op_digest(getattr(definition, "def")[-1])}
+    assert ours <= daemon_digests, sorted(ours - daemon_digests)
     # Without credentials the same pull is refused by the registry.
     with pytest.raises(SolveError, match="401"):
         await client.solve(
