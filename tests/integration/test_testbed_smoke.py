@@ -8,11 +8,13 @@ daemon holds none of its own, and it runs unprivileged with no process sandbox.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
 import pwd
 import secrets
+import subprocess
 import time
 from pathlib import Path
 
@@ -205,3 +207,49 @@ def test_unstartable_buildkitd_fails_loudly(tmp_path: Path) -> None:
     assert time.monotonic() - started < 20
     # A failed start cleans up after itself.
     assert set(Path("/tmp").glob("lucity-buildkitd-*")) == state_dirs_before
+
+
+def _step_processes(marker: bytes) -> dict[int, bytes]:
+    found: dict[int, bytes] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                cmdline = (entry / "cmdline").read_bytes()
+                if marker in cmdline and (entry / "stat").read_text().split()[2] != "Z":
+                    found[int(entry.name)] = cmdline
+    return found
+
+
+def test_stop_leaves_no_build_step_processes(
+    registry: Registry, base_image: str, registry_docker_config: Path, tmp_path: Path
+) -> None:
+    """Without a process sandbox a step's processes outlive buildkitd unless stop() kills them."""
+    kit = start_buildkitd(insecure_registries=[registry.host], log_path=tmp_path / "bk.log")
+    # A per-test sleep length marks this test's processes among everything on the host.
+    marker = str(100000 + secrets.randbelow(800000))
+    context = tmp_path / "ctx"
+    context.mkdir()
+    (context / "Dockerfile").write_text(f"FROM {base_image}\nRUN sleep {marker} & sleep {marker}\n")
+    build = subprocess.Popen(
+        [str(kit.buildctl_path), "--addr", kit.address, *_dockerfile_build(context)],
+        env={"DOCKER_CONFIG": str(registry_docker_config)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while len(_step_processes(f"sleep\0{marker}".encode())) < 2:
+            assert build.poll() is None, "the build ended before its step started"
+            assert time.monotonic() < deadline, "the build step never started"
+            time.sleep(0.1)
+        steps = _step_processes(f"sleep\0{marker}".encode())
+        # They run as the daemon's unprivileged user, like the daemon itself.
+        for pid in steps:
+            assert Path(f"/proc/{pid}").stat().st_uid == pwd.getpwnam(kit.user).pw_uid
+    finally:
+        kit.stop()
+        build.wait(timeout=30)
+
+    assert _step_processes(f"sleep\0{marker}".encode()) == {}
+    assert build.returncode != 0
+    assert not kit.state_dir.exists()

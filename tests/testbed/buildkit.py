@@ -15,6 +15,7 @@ import json
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -32,6 +33,9 @@ BUILDKIT_USER = "lucity-buildkit"
 READY_TIMEOUT_S = 30.0
 # One probe must not hang the readiness loop if the socket accepts but never answers.
 PROBE_TIMEOUT_S = 5.0
+# buildkitd stops in well under a second when idle; an open client stream can make a
+# graceful stop wait, and then the group-wide TERM/KILL of Daemon.stop takes over.
+GRACEFUL_STOP_S = 5.0
 # Generous for the small builds in tests; a stuck build fails instead of eating the
 # whole 600 s pytest timeout without a message.
 BUILDCTL_TIMEOUT_S = 300.0
@@ -123,38 +127,78 @@ class BuildKit:
         return result
 
     def stop(self, *, remove_state: bool = True) -> None:
-        """Stop rootlesskit and buildkitd, then delete the state dir (the log stays)."""
-        pid = self._pid
-        self.daemon.stop()
-        # rootlesskit's parent may return before its buildkitd grandchild has finished
-        # unmounting; removing the state under a live daemon would race with it.
-        deadline = time.monotonic() + 10.0
-        while pid is not None and Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        """Stop buildkitd and rootlesskit, kill build-step processes they left behind,
+        then delete the state dir (the log stays)."""
+        wrapper = self.daemon.process
+        if wrapper is not None and wrapper.poll() is None:
+            # Remember the whole tree first: with no process sandbox, a step's background
+            # processes are not in a PID namespace that dies with the daemon, and once
+            # their parent is gone they are reparented out of reach of this tree walk.
+            tree = _descendants(wrapper.pid)
+            pid = self._pid
+            if pid is not None and pid in tree:
+                # TERM only to buildkitd first: rootlesskit forwards a group-wide TERM as a
+                # second signal, which makes buildkitd skip its graceful shutdown.
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+                _wait_gone({pid: tree[pid]}, GRACEFUL_STOP_S)
+            self.daemon.stop()
+            leftovers = {p: t for p, t in tree.items() if _start_time(p) == t}
+            for leftover in leftovers:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(leftover, signal.SIGKILL)
+            _wait_gone(leftovers, GRACEFUL_STOP_S)
         if remove_state:
             shutil.rmtree(self.state_dir, ignore_errors=True)
 
 
-def _parent_pids() -> dict[int, int]:
-    parents: dict[int, int] = {}
+def _process_table() -> dict[int, tuple[int, int]]:
+    """pid -> (parent pid, start time in clock ticks) for every process we can see."""
+    table: dict[int, tuple[int, int]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
-        with contextlib.suppress(OSError):
-            # The comm field may contain spaces and parentheses; ppid follows the last ')'.
-            stat = (entry / "stat").read_text()
-            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-    return parents
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            # comm may contain spaces and parentheses; the fields after the last ')'
+            # start at field 3 (state), so ppid is [1] and starttime (field 22) is [19].
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            table[int(entry.name)] = (int(fields[1]), int(fields[19]))
+    return table
+
+
+def _start_time(pid: int) -> int | None:
+    """A process's start time, to tell it from a later process that reused its pid."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    # A zombie still has its stat file but is already dead: it needs no killing.
+    return None if fields[0] == "Z" else int(fields[19])
+
+
+def _descendants(root_pid: int) -> dict[int, int]:
+    """pid -> start time of every process below root_pid."""
+    table = _process_table()
+    found: dict[int, int] = {}
+    for pid, (parent, started) in table.items():
+        ancestor: int | None = parent
+        while ancestor is not None and ancestor not in (0, 1, root_pid):
+            ancestor = table[ancestor][0] if ancestor in table else None
+        if ancestor == root_pid:
+            found[pid] = started
+    return found
+
+
+def _wait_gone(processes: Mapping[int, int], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if all(_start_time(pid) != started for pid, started in processes.items()):
+            return
+        time.sleep(0.05)
 
 
 def _find_buildkitd_pid(wrapper_pid: int) -> int:
-    parents = _parent_pids()
-    for pid in sorted(parents):
-        ancestor = parents.get(pid)
-        while ancestor is not None and ancestor not in (0, 1, wrapper_pid):
-            ancestor = parents.get(ancestor)
-        if ancestor != wrapper_pid:
-            continue
+    for pid in sorted(_descendants(wrapper_pid)):
         with contextlib.suppress(OSError):
             if Path(f"/proc/{pid}/comm").read_text().strip() == "buildkitd":
                 return pid
