@@ -14,6 +14,7 @@ import json
 import os
 import pwd
 import secrets
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ import pytest
 
 from tests.testbed.buildkit import BuildKit, read_image_digest, start_buildkitd
 from tests.testbed.process import DaemonError
-from tests.testbed.registry import Registry
+from tests.testbed.registry import Registry, start_registry
 
 pytestmark = pytest.mark.buildkit
 
@@ -207,6 +208,20 @@ def test_unstartable_buildkitd_fails_loudly(tmp_path: Path) -> None:
     assert time.monotonic() - started < 20
     # A failed start cleans up after itself.
     assert set(Path("/tmp").glob("lucity-buildkitd-*")) == state_dirs_before
+
+
+def test_unstartable_registry_fails_loudly(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+
+        with pytest.raises(DaemonError) as excinfo:
+            start_registry(tmp_path / "registry", port=port)
+
+    message = str(excinfo.value)
+    assert "docker-registry exited" in message
+    assert "address already in use" in message
 
 
 def _step_processes(marker: bytes) -> dict[int, bytes]:

@@ -37,6 +37,9 @@ MANIFEST_MEDIA_TYPES = (
 # Startup takes well under a second here; the bound only turns a hang into a clear error.
 READY_TIMEOUT_S = 30.0
 HTTP_TIMEOUT_S = 10.0
+# One readiness probe must not stall the loop (e.g. on a port someone else holds) long
+# past the point where the registry process has already exited with an error.
+PROBE_TIMEOUT_S = 1.0
 
 
 class RegistryHTTPError(RuntimeError):
@@ -84,7 +87,13 @@ class Registry:
         return path
 
     def _request(
-        self, path: str, *, method: str = "GET", accept: str | None = None, auth: bool = True
+        self,
+        path: str,
+        *,
+        method: str = "GET",
+        accept: str | None = None,
+        auth: bool = True,
+        timeout_s: float = HTTP_TIMEOUT_S,
     ) -> tuple[int, dict[str, str], bytes]:
         url = f"http://{self.host}{path}"
         request = urllib.request.Request(url, method=method)
@@ -94,16 +103,16 @@ class Registry:
             token = base64.b64encode(f"{self.username}:{self.password}".encode()).decode()
             request.add_header("Authorization", f"Basic {token}")
         try:
-            with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S) as response:
+            with urllib.request.urlopen(request, timeout=timeout_s) as response:
                 return response.status, dict(response.headers.items()), response.read()
         except urllib.error.HTTPError as exc:
             # 4xx/5xx are answers, not transport failures: hand them back to the caller.
             with exc:
                 return exc.code, dict(exc.headers.items()), exc.read()
 
-    def status(self, path: str, *, auth: bool = True) -> int:
+    def status(self, path: str, *, auth: bool = True, timeout_s: float = HTTP_TIMEOUT_S) -> int:
         """HTTP status of a GET on a registry path, e.g. status("/v2/", auth=False) == 401."""
-        return self._request(path, auth=auth)[0]
+        return self._request(path, auth=auth, timeout_s=timeout_s)[0]
 
     def manifest(self, repository: str, reference: str) -> tuple[str, bytes]:
         """Media type and raw bytes of a manifest (by tag or digest), fetched with auth."""
@@ -198,6 +207,7 @@ def start_registry(
     username: str = DEFAULT_USERNAME,
     password: str | None = None,
     log_path: Path | None = None,
+    port: int | None = None,
     timeout_s: float = READY_TIMEOUT_S,
 ) -> Registry:
     """Start docker-registry with htpasswd auth on a free loopback port; wait until ready.
@@ -213,7 +223,7 @@ def start_registry(
         )
     workdir.mkdir(parents=True, exist_ok=True)
     password = password or secrets.token_urlsafe(24)
-    port = free_port()
+    port = port or free_port()
     config = write_config(workdir, port=port, username=username, password=password)
     daemon = Daemon(
         name="docker-registry",
@@ -233,7 +243,10 @@ def start_registry(
         daemon=daemon,
     )
     try:
-        daemon.wait_ready(lambda: registry.status("/v2/", auth=False) == 401, timeout_s=timeout_s)
+        daemon.wait_ready(
+            lambda: registry.status("/v2/", auth=False, timeout_s=PROBE_TIMEOUT_S) == 401,
+            timeout_s=timeout_s,
+        )
         if registry.status("/v2/") != 200:
             raise DaemonError(
                 f"docker-registry on {registry.host} rejects its own credentials; "
