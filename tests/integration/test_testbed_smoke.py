@@ -268,3 +268,40 @@ def test_stop_leaves_no_build_step_processes(
     assert _step_processes(f"sleep\0{marker}".encode()) == {}
     assert build.returncode != 0
     assert not kit.state_dir.exists()
+
+
+def test_public_registry_names_are_served_by_the_test_registry(
+    buildkitd: BuildKit,
+    registry: Registry,
+    base_image: str,
+    registry_docker_config: Path,
+    empty_docker_config: Path,
+    tmp_path: Path,
+) -> None:
+    # Put a copy of the base image where a plan naming ghcr.io would look for it.
+    stand_in = tmp_path / "stand-in"
+    stand_in.mkdir()
+    (stand_in / "Dockerfile").write_text(f"FROM {base_image}\n")
+    buildkitd.buildctl(
+        *_dockerfile_build(
+            stand_in,
+            "--output",
+            f"type=image,name={registry.ref('lucity-test/runtime', 'v1')},push=true",
+        ),
+        docker_config=registry_docker_config,
+    )
+    context = tmp_path / "ctx"
+    context.mkdir()
+    (context / "Dockerfile").write_text(
+        "FROM ghcr.io/lucity-test/runtime:v1\nRUN echo from-the-mirror > /out\n"
+        "FROM scratch\nCOPY --from=0 /out /\n"
+    )
+    build = _dockerfile_build(context, "--output", f"type=local,dest={tmp_path / 'export'}")
+
+    refused = buildkitd.buildctl(*build, docker_config=empty_docker_config, check=False)
+    buildkitd.buildctl(*build, docker_config=registry_docker_config)
+
+    # The mirror is the authenticating test registry: without credentials, no image.
+    assert refused.returncode != 0
+    assert "401 Unauthorized" in refused.stderr
+    assert (tmp_path / "export" / "out").read_text() == "from-the-mirror\n"

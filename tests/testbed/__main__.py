@@ -21,6 +21,7 @@ from pathlib import Path
 from tests.testbed.buildkit import (
     BASE_IMAGE_REPOSITORY,
     BASE_IMAGE_TAG,
+    MIRRORED_REGISTRIES,
     BuildKit,
     build_base_image,
     start_buildkitd,
@@ -106,7 +107,9 @@ def up(args: argparse.Namespace) -> int:
     try:
         registry = start_registry(workdir / "registry")
         kit = start_buildkitd(
-            insecure_registries=[registry.host], log_path=workdir / "buildkitd.log"
+            insecure_registries=[registry.host],
+            mirrors={public: [registry.host] for public in MIRRORED_REGISTRIES},
+            log_path=workdir / "buildkitd.log",
         )
         client_config = workdir / "client-docker-config"
         registry.write_docker_config(client_config)

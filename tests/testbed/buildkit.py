@@ -58,6 +58,9 @@ BUSYBOX_APPLETS = (
     "httpd", "wget", "nc",
 )  # fmt: skip
 BUSYBOX_BINARY = Path("/bin/busybox")
+# Public registries the test registry stands in for (nothing public is reachable here):
+# an image a plan names as ghcr.io/x/y:t is pulled from 127.0.0.1:PORT/x/y:t.
+MIRRORED_REGISTRIES = ("docker.io", "ghcr.io")
 
 
 class BuildctlError(RuntimeError):
@@ -232,8 +235,17 @@ def _daemon_account(user: str | None) -> pwd.struct_passwd:
     return account
 
 
-def write_config(path: Path, *, insecure_registries: Sequence[str], debug: bool) -> None:
-    """Write buildkitd.toml: OCI worker only, plain-HTTP access to the test registries."""
+def write_config(
+    path: Path,
+    *,
+    insecure_registries: Sequence[str],
+    mirrors: Mapping[str, Sequence[str]],
+    debug: bool,
+) -> None:
+    """Write buildkitd.toml: OCI worker only, plain-HTTP access to the test registries,
+    and registry mirrors (e.g. ghcr.io served by the test registry, since the real one
+    is unreachable here). Credentials for a mirror are asked of the session under the
+    mirror's own host name."""
     lines = [
         f"debug = {'true' if debug else 'false'}",
         "",
@@ -245,12 +257,16 @@ def write_config(path: Path, *, insecure_registries: Sequence[str], debug: bool)
     ]
     for host in insecure_registries:
         lines += ["", f'[registry."{host}"]', "  http = true", "  insecure = true"]
+    for host, targets in mirrors.items():
+        quoted = ", ".join(f'"{target}"' for target in targets)
+        lines += ["", f'[registry."{host}"]', f"  mirrors = [{quoted}]"]
     path.write_text("\n".join(lines) + "\n")
 
 
 def start_buildkitd(
     *,
     insecure_registries: Sequence[str] = (),
+    mirrors: Mapping[str, Sequence[str]] | None = None,
     log_path: Path | None = None,
     user: str | None = None,
     extra_args: Sequence[str] = (),
@@ -284,6 +300,7 @@ def start_buildkitd(
             buildkitd_bin=buildkitd_bin,
             rootlesskit=rootlesskit,
             insecure_registries=insecure_registries,
+            mirrors=mirrors or {},
             log_path=log_path or state / "buildkitd.log",
             extra_args=extra_args,
             debug=debug,
@@ -337,6 +354,7 @@ def _launch(
     buildkitd_bin: Path,
     rootlesskit: str,
     insecure_registries: Sequence[str],
+    mirrors: Mapping[str, Sequence[str]],
     log_path: Path,
     extra_args: Sequence[str],
     debug: bool,
@@ -360,7 +378,7 @@ def _launch(
     except OSError:
         shutil.copy2(buildkitd_bin, daemon_bin)
     config = state / "buildkitd.toml"
-    write_config(config, insecure_registries=insecure_registries, debug=debug)
+    write_config(config, insecure_registries=insecure_registries, mirrors=mirrors, debug=debug)
     config.chmod(0o644)
 
     port = free_port()

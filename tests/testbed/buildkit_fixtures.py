@@ -18,6 +18,7 @@ import pytest
 from tests.testbed.buildkit import (
     BASE_IMAGE_REPOSITORY,
     BASE_IMAGE_TAG,
+    MIRRORED_REGISTRIES,
     BuildKit,
     build_base_image,
     start_buildkitd,
@@ -59,11 +60,16 @@ def registry(
 def buildkitd(
     registry: Registry, tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config
 ) -> Iterator[BuildKit]:
-    """Rootless buildkitd (no process sandbox) as the unprivileged test-bed user."""
+    """Rootless buildkitd (no process sandbox) as the unprivileged test-bed user; docker.io
+    and ghcr.io are mirrored by the test registry."""
     logs = tmp_path_factory.mktemp("buildkitd-log")
     started = time.monotonic()
     # The log goes to pytest's tmp dir, which outlives the daemon's own state dir.
-    running = start_buildkitd(insecure_registries=[registry.host], log_path=logs / "buildkitd.log")
+    running = start_buildkitd(
+        insecure_registries=[registry.host],
+        mirrors={public: [registry.host] for public in MIRRORED_REGISTRIES},
+        log_path=logs / "buildkitd.log",
+    )
     _report_startup(pytestconfig, f"buildkitd {running.address} ready", time.monotonic() - started)
     yield running
     running.stop()
