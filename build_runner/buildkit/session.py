@@ -11,13 +11,15 @@ and `secrets.py`. A broken tunnel sets `failed` and `error` instead of hanging.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import os
 import secrets as token_source
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Mapping
+import threading
+from collections.abc import AsyncIterator, Callable, Mapping
 
 import grpc
 from google.protobuf.descriptor import FileDescriptor
@@ -61,6 +63,58 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 SOCKET_NAME = "session.sock"
 # sockaddr_un holds 108 bytes including the NUL; a longer path cannot be bound.
 MAX_SOCKET_PATH = 107
+
+
+class _ServerThread:
+    """The session's grpc.aio server, on its own event loop in its own thread.
+
+    The daemon's traffic then never waits behind the caller's loop (solve,
+    progress rendering), the DiffCopy pump and the tunnel pump overlap, and
+    health checks keep being answered while the caller's loop is busy.
+    """
+
+    def __init__(self, build: Callable[[], grpc.aio.Server], *, name: str) -> None:
+        self._build = build
+        self._name = name
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+
+    async def start(self, address: str) -> None:
+        """Start serving on `address`; raises SessionError if the server can't start."""
+        started: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._thread = threading.Thread(
+            target=asyncio.run, args=(self._serve(address, started),), name=self._name, daemon=True
+        )
+        self._thread.start()
+        try:
+            await asyncio.wrap_future(started)
+        except RuntimeError as exc:  # grpc's "Failed to bind to address ..."
+            raise SessionError(f"cannot serve the session on {address}: {exc}") from exc
+
+    async def _serve(self, address: str, started: concurrent.futures.Future[None]) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        try:
+            server = self._build()
+            server.add_insecure_port(address)
+            await server.start()
+        except Exception as exc:
+            started.set_exception(exc)
+            return
+        started.set_result(None)
+        try:
+            await self._stop.wait()
+        finally:
+            await server.stop(SERVER_STOP_GRACE_S)
+
+    async def stop(self) -> None:
+        """Stop the server (in-flight calls get a short grace) and join the thread."""
+        if self._loop is not None and self._stop is not None:
+            with contextlib.suppress(RuntimeError):  # its loop already ended
+                self._loop.call_soon_threadsafe(self._stop.set)
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
 
 
 def _private_dir() -> str:
@@ -186,17 +240,13 @@ class Session:
         self.error = None
         self._closing = False
         private_dir = _private_dir()
-        server = self._server()
+        server = _ServerThread(self._server, name=f"session-server-{self.id[:8]}")
         tasks: list[asyncio.Task[None]] = []
         call: _SessionCall | None = None
         writer: asyncio.StreamWriter | None = None
         try:
             socket_path = self.socket_path = os.path.join(private_dir, SOCKET_NAME)
-            try:
-                server.add_insecure_port(f"unix:{socket_path}")
-            except RuntimeError as exc:
-                raise SessionError(f"cannot listen on {socket_path}: {exc}") from exc
-            await server.start()
+            await server.start(f"unix:{socket_path}")
             reader, writer = await asyncio.open_unix_connection(socket_path)
             call = control.Session(self._outgoing(reader), metadata=self.headers())
             await self._await_daemon(call)
@@ -218,7 +268,7 @@ class Session:
                 writer.close()
                 with contextlib.suppress(OSError):
                     await writer.wait_closed()
-            await server.stop(SERVER_STOP_GRACE_S)
+            await server.stop()
             shutil.rmtree(private_dir, ignore_errors=True)
             self.socket_path = None
 
