@@ -338,7 +338,7 @@ class Session:
         code = await call.code()
         if not self._closing and not self.failed.is_set():
             details = await call.details()
-            self._fail(f"session call ended: {code.name}: {details}", code)
+            self._fail(f"session tunnel to buildkitd broke: {code.name}: {details}", code)
 
     def _fail(self, message: str, code: grpc.StatusCode | None) -> None:
         if self.failed.is_set():

@@ -19,9 +19,10 @@ import io
 import json
 import os
 import secrets
+import signal
 import tarfile
 import urllib.request
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import grpc
@@ -29,8 +30,9 @@ import pytest
 
 from build_runner._pb.buildkit import control_pb2, control_pb2_grpc, ops_pb2
 from build_runner.buildkit.auth import Credentials
+from build_runner.buildkit.errors import SessionError
 from build_runner.buildkit.session import Session
-from tests.testbed.buildkit import BuildKit
+from tests.testbed.buildkit import BuildKit, start_buildkitd
 from tests.testbed.registry import Registry
 
 pytestmark = pytest.mark.buildkit
@@ -372,3 +374,46 @@ async def test_push_needs_the_session_credentials(
     )
     response = await solve(control, authorized, definition, push=registry.ref("session/auth", tag))
     assert response["containerimage.digest"] == registry.manifest_digest("session/auth", tag)
+
+
+@pytest.fixture
+def doomed_buildkitd(registry: Registry) -> Iterator[BuildKit]:
+    """A private daemon this test may kill (never the shared one)."""
+    kit = start_buildkitd(insecure_registries=[registry.host])
+    try:
+        yield kit
+    finally:
+        kit.stop()
+
+
+async def test_daemon_killed_mid_solve_ends_with_a_clear_error(
+    doomed_buildkitd: BuildKit, registry: Registry, base_image: str, tmp_path: Path
+) -> None:
+    (tmp_path / "ctx").mkdir()
+    (tmp_path / "ctx" / "f").write_text("x")
+    graph = Graph()
+    base = image_source(graph, base_image)
+    step = run(graph, base, f"sleep 60 # {secrets.token_hex(4)}")
+    request = control_pb2.SolveRequest(Ref=secrets.token_hex(12), Definition=graph.definition(step))
+    channel = grpc.aio.insecure_channel(doomed_buildkitd.address.replace("unix://", "unix:", 1))
+    control = control_pb2_grpc.ControlStub(channel)  # type: ignore[no-untyped-call]
+    session = Session(credentials=credentials_for(registry))
+    request.Session = session.id
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(60), session.attach(control):
+            solving = asyncio.ensure_future(control.Solve(request))
+            # Let the pull finish and the RUN start, then kill the daemon outright.
+            await asyncio.sleep(3)
+            assert not solving.done(), solving
+            os.kill(doomed_buildkitd.pid, signal.SIGKILL)
+            killed_at = loop.time()
+            await session.failed.wait()
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await solving
+        assert loop.time() - killed_at < 15
+    finally:
+        await channel.close(None)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert isinstance(session.error, SessionError)
+    assert "session tunnel to buildkitd broke: UNAVAILABLE" in str(session.error)
