@@ -14,9 +14,10 @@ Decisions where fsutil leaves a choice:
 - sockets, FIFOs and device nodes are skipped (a build context has no use for
   them and recreating devices needs privileges the daemon may lack);
 - xattrs are not sent;
-- names (and symlink targets) that are not valid UTF-8 cannot be carried by the
-  proto3 `string` fields and end the walk with `WalkError` naming the path,
-  rather than silently dropping a file. Excluded entries are never checked.
+- names and symlink targets go on the wire as the raw bytes the file system
+  holds, so names that are not UTF-8 arrive intact, as with the Go client
+  (our stat.proto declares them `bytes`). In Python they are `str` with
+  surrogate escapes (os.fsdecode), which patterns and sorting handle.
 """
 
 from __future__ import annotations
@@ -301,11 +302,11 @@ class Entry:
     def to_stat(self) -> stat_pb2.Stat:
         """The fsutil Stat for this entry; uid/gid are 0 as the Go client resets them."""
         return stat_pb2.Stat(
-            path=self.path,
+            path=os.fsencode(self.path),
             mode=self.mode,
             size=self.size,
             modTime=self.mtime_ns,
-            linkname=self.linkname,
+            linkname=os.fsencode(self.linkname),
         )
 
 
@@ -345,15 +346,6 @@ def _could_match_inside(patterns: Iterable[Pattern], directory: str, *, exclusio
     )
 
 
-def _check_utf8(value: str, path: str) -> None:
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise WalkError(
-            f"cannot send {os.fsencode(path)!r}: name or link target is not valid UTF-8"
-        ) from exc
-
-
 @dataclasses.dataclass(slots=True)
 class _Dir:
     """A directory on the current walk path, sent at the latest before its first kept child."""
@@ -364,8 +356,6 @@ class _Dir:
     emitted: bool
 
     def entry(self) -> Entry:
-        # Checked only when sent, so excluded odd names never fail the walk.
-        _check_utf8(self.path, self.path)
         return Entry(path=self.path, mode=self.mode, size=0, mtime_ns=self.mtime_ns)
 
 
@@ -465,7 +455,6 @@ class _Walker:
                 parents.pop()
 
     def make_entry(self, rel: str, abs_path: str, mode: int, st: os.stat_result) -> Entry:
-        _check_utf8(rel, rel)
         if mode & MODE_DIR:
             return Entry(path=rel, mode=mode, size=0, mtime_ns=st.st_mtime_ns)
         if mode & MODE_SYMLINK:
@@ -473,7 +462,6 @@ class _Walker:
                 target = os.readlink(abs_path)
             except OSError as exc:
                 raise WalkError(f"cannot read link {rel}: {exc.strerror}") from exc
-            _check_utf8(target, rel)
             return Entry(
                 path=rel, mode=mode, size=st.st_size, mtime_ns=st.st_mtime_ns, linkname=target
             )

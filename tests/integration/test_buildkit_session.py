@@ -199,6 +199,7 @@ def credentials_for(registry: Registry) -> Credentials:
 
 ODD_NAMES = ["with space", "tab\there", "new\nline", "ünïcødé", "日本語", "#hash%25", "-dash"]
 MTIME_NS = 1_500_000_000_987_654_321
+NON_UTF8_NAME = b"caf\xe9.txt"
 
 
 @pytest.fixture
@@ -224,6 +225,9 @@ def odd_context(tmp_path: Path) -> Path:
     (root / "big.bin").write_bytes(os.urandom(20 * 1024 * 1024 + 3))
     for name in ODD_NAMES:
         (root / name).write_bytes(name.encode() + b"\n")
+    # Not UTF-8: sent as raw bytes, as the Go client does.
+    with open(os.path.join(os.fsencode(root), NON_UTF8_NAME), "wb") as f:
+        f.write(b"latin-1\n")
     os.utime(root / "a" / "b", ns=(MTIME_NS, MTIME_NS))
     return root
 
@@ -249,6 +253,7 @@ async def test_local_context_arrives_intact(
     for name in ODD_NAMES:
         assert got[name].isfile()
         assert layer[name].data == name.encode() + b"\n"
+    assert layer[os.fsdecode(NON_UTF8_NAME)].data == b"latin-1\n"
     big = layer["big.bin"].data
     assert big is not None
     expected_big = hashlib.sha256((odd_context / "big.bin").read_bytes()).hexdigest()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import random
 
 from build_runner import filesync
@@ -42,7 +43,7 @@ class OrderValidator:
                 break
             self._stack.pop()
         top_dir, last = self._stack[-1]
-        name = base.encode("utf-8")
+        name = os.fsencode(base)
         if parent != top_dir or (last and last >= name) or (not last and not name):
             raise ReceiverRuleError(f"changes out of order: {path!r} after {top_dir!r}/{last!r}")
         self._stack[-1] = (top_dir, name)
@@ -109,19 +110,21 @@ class FakeReceiver:
             reqs = [] if self.eager else self._requests(list(self.files))
             return reqs + self._maybe_fin()
         st = packet.stat
+        # Names are raw bytes on the wire; keep them as surrogate-escaped str here.
+        path, linkname = os.fsdecode(st.path), os.fsdecode(st.linkname)
         is_dir = bool(st.mode & filesync.MODE_DIR)
-        self.validator.check(st.path, is_dir=is_dir)
+        self.validator.check(path, is_dir=is_dir)
         if st.uid or st.gid:
-            raise ReceiverRuleError(f"{st.path}: uid/gid should be reset to 0")
+            raise ReceiverRuleError(f"{path!r}: uid/gid should be reset to 0")
         index = len(self.stats)
         self.stats.append(st)
         if st.mode & filesync.MODE_TYPE == 0:
-            if st.linkname:
-                if st.linkname not in self._seen_files:
-                    raise ReceiverRuleError(f"invalid link {st.path} to unknown path {st.linkname}")
+            if linkname:
+                if linkname not in self._seen_files:
+                    raise ReceiverRuleError(f"invalid link {path!r} to unknown path {linkname!r}")
             else:
-                self._seen_files.add(st.path)
-                if self.wanted is None or st.path in self.wanted:
+                self._seen_files.add(path)
+                if self.wanted is None or path in self.wanted:
                     self.files[index] = ReceivedFile(stat=st)
                     if self.eager:
                         return self._requests([index])
@@ -142,7 +145,7 @@ class FakeReceiver:
         received.complete = True
         if len(received.data) != received.stat.size:
             got, said = len(received.data), received.stat.size
-            raise ReceiverRuleError(f"{received.stat.path}: got {got} bytes, stat said {said}")
+            raise ReceiverRuleError(f"{received.stat.path!r}: got {got} bytes, stat said {said}")
         return self._maybe_fin()
 
     def _maybe_fin(self) -> list[wire_pb2.Packet]:
@@ -152,7 +155,10 @@ class FakeReceiver:
         return []
 
     def by_path(self) -> dict[str, stat_pb2.Stat]:
-        return {s.path: s for s in self.stats}
+        return {os.fsdecode(s.path): s for s in self.stats}
 
     def digests(self) -> dict[str, str]:
-        return {f.stat.path: hashlib.sha256(f.data).hexdigest() for f in self.files.values()}
+        return {
+            os.fsdecode(f.stat.path): hashlib.sha256(f.data).hexdigest()
+            for f in self.files.values()
+        }

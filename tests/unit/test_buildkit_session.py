@@ -219,7 +219,7 @@ async def test_headers_and_every_attachable_through_the_tunnel(
         digests = receiver.digests()
         assert "skip.log" not in receiver.by_path()
         assert "ünï côdé" not in receiver.by_path()
-        assert receiver.by_path()["link"].linkname == "src/main.py"
+        assert receiver.by_path()["link"].linkname == b"src/main.py"
         for rel in ["big.bin", "src/main.py", "src/small299.txt", "src/small000.txt"]:
             assert digests[rel] == hashlib.sha256((context_dir / rel).read_bytes()).hexdigest()
         assert len(digests) == 302

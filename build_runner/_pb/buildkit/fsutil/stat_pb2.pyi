@@ -26,14 +26,14 @@ class Stat(_message.Message):
     DEVMAJOR_FIELD_NUMBER: _ClassVar[int]
     DEVMINOR_FIELD_NUMBER: _ClassVar[int]
     XATTRS_FIELD_NUMBER: _ClassVar[int]
-    path: str
+    path: bytes
     mode: int
     uid: int
     gid: int
     size: int
     modTime: int
-    linkname: str
+    linkname: bytes
     devmajor: int
     devminor: int
     xattrs: _containers.ScalarMap[str, bytes]
-    def __init__(self, path: _Optional[str] = ..., mode: _Optional[int] = ..., uid: _Optional[int] = ..., gid: _Optional[int] = ..., size: _Optional[int] = ..., modTime: _Optional[int] = ..., linkname: _Optional[str] = ..., devmajor: _Optional[int] = ..., devminor: _Optional[int] = ..., xattrs: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
+    def __init__(self, path: _Optional[bytes] = ..., mode: _Optional[int] = ..., uid: _Optional[int] = ..., gid: _Optional[int] = ..., size: _Optional[int] = ..., modTime: _Optional[int] = ..., linkname: _Optional[bytes] = ..., devmajor: _Optional[int] = ..., devminor: _Optional[int] = ..., xattrs: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
