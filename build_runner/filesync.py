@@ -642,6 +642,13 @@ class FileSender:
         self._requested: set[int] = set()
         self._open: set[int] = set()
         self.state = SenderState.SENDING_STATS
+        self.bytes_sent = 0
+        """File content bytes handed out in DATA packets so far."""
+
+    @property
+    def files_requested(self) -> int:
+        """How many files the receiver asked for (fewer than sent on incremental syncs)."""
+        return len(self._requested)
 
     @property
     def open_files(self) -> int:
@@ -700,6 +707,7 @@ class FileSender:
             raise LocalProtocolError(f"data for file {file_id}, which is not being sent")
         if not chunk:
             raise LocalProtocolError("an empty DATA packet means EOF: use end_of_file()")
+        self.bytes_sent += len(chunk)
         return wire_pb2.Packet(type=PACKET_DATA, ID=file_id, data=chunk)
 
     def end_of_file(self, file_id: int) -> wire_pb2.Packet:

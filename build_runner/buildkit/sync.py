@@ -144,8 +144,15 @@ class FileSyncServicer(filesync_pb2_grpc.FileSyncServicer):
             await context.write(wire_pb2.Packet(type=filesync.PACKET_ERR, data=str(exc).encode()))
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"local {name!r}: {exc}")
             return
-        logger.debug("sending %d entries of local %r", len(entries), name)
-        await pump.run(filesync.FileSender(entries), name)
+        sender = filesync.FileSender(entries)
+        await pump.run(sender, name)
+        logger.debug(
+            "local %r sent: %d entries, %d files requested, %d bytes",
+            name,
+            len(entries),
+            sender.files_requested,
+            sender.bytes_sent,
+        )
 
 
 class _DiffCopyPump:

@@ -17,6 +17,7 @@ import gzip
 import hashlib
 import io
 import json
+import logging
 import os
 import secrets
 import signal
@@ -96,6 +97,24 @@ def run(graph: Graph, base: str, script: str, *, mounts: Sequence[ops_pb2.Mount]
         platform=ops_pb2.Platform(Architecture="amd64", OS="linux"),
     )
     return graph.add(op, script[:60])
+
+
+def copy_into_scratch(graph: Graph, source: str) -> str:
+    copy = ops_pb2.FileActionCopy(
+        src="/",
+        dest="/",
+        mode=-1,
+        timestamp=-1,
+        dirCopyContents=True,
+        createDestPath=True,
+        allowWildcard=True,
+        allowEmptyWildcard=True,
+    )
+    action = ops_pb2.FileAction(input=-1, secondaryInput=0, output=0, copy=copy)
+    op = ops_pb2.Op(
+        inputs=[ops_pb2.Input(digest=source, index=0)], file=ops_pb2.FileOp(actions=[action])
+    )
+    return graph.add(op, "copy context")
 
 
 # --- driving the daemon and reading the result ----------------------------------------
@@ -422,3 +441,83 @@ async def test_daemon_killed_mid_solve_ends_with_a_clear_error(
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     assert isinstance(session.error, SessionError)
     assert "session tunnel to buildkitd broke: UNAVAILABLE" in str(session.error)
+
+
+def _upload_summaries(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("local ")]
+
+
+async def test_second_upload_sends_only_changes(
+    control: control_pb2_grpc.ControlStub,
+    registry: Registry,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="build_runner.buildkit.sync")
+    root = tmp_path / "incremental"
+    root.mkdir()
+    for i in range(20):
+        (root / f"same{i:02}.txt").write_text(f"unchanged {i}\n")
+    (root / "changes.txt").write_text("old\n")
+    (root / "goes-away.txt").write_text("bye\n")
+    shared_key, hint, unique = secrets.token_hex(8), secrets.token_hex(4), secrets.token_hex(4)
+
+    async def upload(tag: str) -> Layer:
+        graph = Graph()
+        # Same op bytes, shared key and hint each time: the daemon diffs against
+        # its snapshot of the previous upload and asks only for what changed.
+        source = ops_pb2.SourceOp(
+            identifier="local://context",
+            attrs={"local.sharedkeyhint": hint, "local.unique": unique},
+        )
+        local = graph.add(ops_pb2.Op(source=source), "local context")
+        # Exported through a copy, as a real build does: an image holding the
+        # local snapshot itself would pin it and force a full upload next time.
+        definition = graph.definition(copy_into_scratch(graph, local))
+        session = Session(
+            credentials=credentials_for(registry),
+            local_dirs={"context": root},
+            shared_key=shared_key,
+        )
+        await solve(control, session, definition, push=registry.ref("session/incr", tag))
+        (layer,) = pushed_layers(registry, "session/incr", tag)
+        return layer
+
+    first = await upload("one")
+    assert first["changes.txt"].data == b"old\n"
+    (root / "changes.txt").write_text("new content\n")
+    os.utime(root / "changes.txt", ns=(MTIME_NS, MTIME_NS))
+    (root / "goes-away.txt").unlink()
+    (root / "added.txt").write_text("added\n")
+    second = await upload("two")
+
+    assert second["changes.txt"].data == b"new content\n"
+    assert second["added.txt"].data == b"added\n"
+    assert "goes-away.txt" not in second
+    assert second["same07.txt"].data == b"unchanged 7\n"
+    summaries = _upload_summaries(caplog)
+    assert summaries[0] == "local 'context' sent: 22 entries, 22 files requested, " + (
+        f"{sum(len(e.data or b'') for e in first.values())} bytes"
+    )
+    assert summaries[1].startswith("local 'context' sent: 22 entries, 2 files requested, ")
+
+
+async def test_follow_paths(
+    control: control_pb2_grpc.ControlStub, registry: Registry, tmp_path: Path
+) -> None:
+    root = tmp_path / "follow"
+    (root / "real" / "sub").mkdir(parents=True)
+    (root / "real" / "sub" / "wanted.txt").write_text("wanted\n")
+    (root / "real" / "other.txt").write_text("other\n")
+    (root / "unrelated.txt").write_text("unrelated\n")
+    (root / "alias").symlink_to("real")
+    graph = Graph()
+    context = local_source(
+        graph, "context", {"local.followpaths": json.dumps(["alias/sub/wanted.txt"])}
+    )
+    tag = secrets.token_hex(6)
+    session = Session(credentials=credentials_for(registry), local_dirs={"context": root})
+    await solve(control, session, graph.definition(context), push=registry.ref("session/fp", tag))
+    (layer,) = pushed_layers(registry, "session/fp", tag)
+    assert sorted(layer) == ["alias", "real", "real/sub", "real/sub/wanted.txt"]
+    assert layer["alias"].info.linkname == "real"

@@ -19,7 +19,7 @@ CHUNK = 32 * 1024
 
 def transfer(
     root: Path, entries: list[filesync.Entry], receiver: FakeReceiver, *, stat_batch: int = 7
-) -> None:
+) -> filesync.FileSender:
     """Move packets between a FileSender and the receiver until the FIN handshake."""
     sender = filesync.FileSender(entries)
     to_sender: deque[wire_pb2.Packet] = deque()
@@ -40,6 +40,7 @@ def transfer(
             assert sender.open_files == 0
             receiver.receive(sender.fin())
     assert receiver.finished
+    return sender
 
 
 def sha(data: bytes) -> str:
@@ -148,8 +149,10 @@ def test_full_transfer_reassembles_every_file(tree: Path) -> None:
     (tree / "a" / "big.bin").write_bytes(big)
     entries = filesync.walk(tree)
     receiver = FakeReceiver(seed=1)
-    transfer(tree, entries, receiver)
+    sender = transfer(tree, entries, receiver)
     digests = receiver.digests()
+    assert sender.files_requested == len(digests)
+    assert sender.bytes_sent == sum(len(f.data) for f in receiver.files.values())
     assert digests["a/big.bin"] == sha(big)
     assert digests["new\nline"] == sha(b"new\nline")
     assert digests["hard1"] == sha(b"shared content")
@@ -169,8 +172,9 @@ def test_requests_interleaved_with_stats(tree: Path, stat_batch: int) -> None:
 
 def test_receiver_asking_for_nothing_still_finishes(tree: Path) -> None:
     receiver = FakeReceiver(wanted=set())
-    transfer(tree, filesync.walk(tree), receiver)
+    sender = transfer(tree, filesync.walk(tree), receiver)
     assert receiver.files == {}
+    assert (sender.files_requested, sender.bytes_sent) == (0, 0)
 
 
 def test_end_marker_is_a_stat_packet_without_stat() -> None:
