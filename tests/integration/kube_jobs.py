@@ -109,3 +109,46 @@ async def status_of(call: Awaitable[Any]) -> int:
     except client.ApiException as exc:
         return int(exc.status)
     return 200
+
+
+async def start_sleeping_job(
+    api: client.ApiClient,
+    name: str,
+    *,
+    namespace: str,
+    service_account: str,
+    annotations: dict[str, str] | None = None,
+    timeout_s: float = 60.0,
+) -> client.V1Pod:
+    """Create a Job whose pod just sleeps, and return the pod once the fake kubelet runs it.
+
+    Tokens bound to that pod are what a runner holds; delete the Job to end it.
+    """
+    job = build_job(
+        name,
+        namespace=namespace,
+        service_account=service_account,
+        command=["sleep", "300"],
+        ttl_s=30,
+    )
+    if annotations:
+        job["metadata"]["annotations"] = dict(annotations)
+    await client.BatchV1Api(api).create_namespaced_job(namespace, job)
+    core = client.CoreV1Api(api)
+
+    async def running_pod() -> client.V1Pod | None:
+        pods = await core.list_namespaced_pod(namespace, label_selector=f"{JOB_NAME_LABEL}={name}")
+        return next((p for p in pods.items if p.status.phase == "Running"), None)
+
+    return await eventually(
+        running_pod,
+        what=f"a running pod of Job {name} (is the fake_kubelet fixture in use?)",
+        timeout_s=timeout_s,
+    )
+
+
+async def delete_job(api: client.ApiClient, name: str, *, namespace: str) -> None:
+    """Delete a Job and (in the background, by the garbage collector) its pods."""
+    await client.BatchV1Api(api).delete_namespaced_job(
+        name, namespace, propagation_policy="Background"
+    )

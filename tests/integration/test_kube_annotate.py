@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -25,9 +26,10 @@ from build_runner.annotate import (
     build_report,
 )
 from builder_service._pb.lucity.builder.v1 import builder_pb2, result_pb2
-from tests.integration.kube_jobs import build_job
+from tests.integration.kube_jobs import JOB_NAME_LABEL, delete_job, start_sleeping_job
 from tests.testbed.kube import ControlPlane
 from tests.testbed.kube_fixtures import Identities, LucityCluster
+from tests.testbed.node import FakeKubelet
 from tests.testbed.process import free_port
 
 NOW = datetime.datetime(2026, 11, 28, 12, 0, tzinfo=datetime.UTC)
@@ -52,20 +54,25 @@ def _config(sa_dir: Path, port: int) -> InClusterConfig:
 
 
 @pytest.fixture
-async def suspended_job(lucity_cluster: LucityCluster, kube_admin: client.ApiClient) -> str:
-    job = build_job(
-        f"annotate-{uuid.uuid4().hex[:8]}",
+async def running_build(
+    lucity_cluster: LucityCluster, kube_admin: client.ApiClient, fake_kubelet: FakeKubelet
+) -> AsyncIterator[client.V1Pod]:
+    """A Job whose pod the fake kubelet is running; the chart's admission policy lets
+    only a token bound to that pod patch the Job."""
+    name = f"annotate-{uuid.uuid4().hex[:8]}"
+    pod = await start_sleeping_job(
+        kube_admin,
+        name,
         namespace=lucity_cluster.builds_namespace,
         service_account=lucity_cluster.build_job_service_account,
-        command=["true"],
-        suspend=True,
+        annotations={"example.com/keep": "me"},
     )
-    job["metadata"]["annotations"] = {"example.com/keep": "me"}
-    created = await client.BatchV1Api(kube_admin).create_namespaced_job(
-        lucity_cluster.builds_namespace, job
-    )
-    name: str = created.metadata.name
-    return name
+    yield pod
+    await delete_job(kube_admin, name, namespace=lucity_cluster.builds_namespace)
+
+
+def _job_of(pod: client.V1Pod) -> str:
+    return str(pod.metadata.labels[JOB_NAME_LABEL])
 
 
 async def test_report_is_merged_into_existing_annotations(
@@ -74,20 +81,23 @@ async def test_report_is_merged_into_existing_annotations(
     kube_identities: Identities,
     kube_control_plane: ControlPlane,
     kube_admin: client.ApiClient,
-    suspended_job: str,
+    running_build: client.V1Pod,
 ) -> None:
     ns = lucity_cluster.builds_namespace
-    token = await kube_identities.token(ns, lucity_cluster.build_job_service_account)
+    job_name = _job_of(running_build)
+    token = await kube_identities.token(
+        ns, lucity_cluster.build_job_service_account, pod=running_build
+    )
     sa_dir = _sa_dir(tmp_path / "sa", token=token, plane=kube_control_plane, namespace=ns)
     report = build_report(
         phase=builder_pb2.BUILD_PHASE_BUILDING, now=NOW, resolved_commit="c0ffee" * 6 + "c0ff"
     )
     async with KubernetesJobReporter(
-        _config(sa_dir, kube_control_plane.port), job_name=suspended_job
+        _config(sa_dir, kube_control_plane.port), job_name=job_name
     ) as reporter:
         await reporter.publish(report)
 
-    job = await client.BatchV1Api(kube_admin).read_namespaced_job(suspended_job, ns)
+    job = await client.BatchV1Api(kube_admin).read_namespaced_job(job_name, ns)
     annotations = job.metadata.annotations
     assert annotations["example.com/keep"] == "me"
     assert json_format.Parse(annotations[REPORT_ANNOTATION], result_pb2.RunnerReport()) == report
@@ -115,15 +125,17 @@ async def test_token_is_reread_and_a_foreign_identity_is_forbidden(
     lucity_cluster: LucityCluster,
     kube_identities: Identities,
     kube_control_plane: ControlPlane,
-    suspended_job: str,
+    running_build: client.V1Pod,
 ) -> None:
     """The reporter reads the token file per request (kubelet rotates it)."""
     ns = lucity_cluster.builds_namespace
-    good = await kube_identities.token(ns, lucity_cluster.build_job_service_account)
+    good = await kube_identities.token(
+        ns, lucity_cluster.build_job_service_account, pod=running_build
+    )
     sa_dir = _sa_dir(tmp_path / "sa", token=good, plane=kube_control_plane, namespace=ns)
     report = build_report(phase=builder_pb2.BUILD_PHASE_BUILDING, now=NOW)
     async with KubernetesJobReporter(
-        _config(sa_dir, kube_control_plane.port), job_name=suspended_job
+        _config(sa_dir, kube_control_plane.port), job_name=_job_of(running_build)
     ) as reporter:
         await reporter.publish(report)
         # The builder's identity may create Jobs but not patch them.

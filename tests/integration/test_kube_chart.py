@@ -36,8 +36,15 @@ def test_rendered_objects_match_schemas_strictly() -> None:
     for obj in objects:
         kubernetes_validate.validate(obj, schema_version, strict=True)
     kinds = Counter(obj["kind"] for obj in objects)
-    # Nothing cluster-wide beyond the two namespaces: no ClusterRole(Binding)s.
-    assert kinds == {"Namespace": 2, "ServiceAccount": 2, "Role": 2, "RoleBinding": 2}
+    # Cluster-wide only the namespaces and the admission policy: no ClusterRole(Binding)s.
+    assert kinds == {
+        "Namespace": 2,
+        "ServiceAccount": 2,
+        "Role": 2,
+        "RoleBinding": 2,
+        "ValidatingAdmissionPolicy": 1,
+        "ValidatingAdmissionPolicyBinding": 1,
+    }
 
 
 def test_validation_rejects_a_broken_object() -> None:
@@ -49,11 +56,15 @@ def test_validation_rejects_a_broken_object() -> None:
         kubernetes_validate.validate(broken, "1.36.0", strict=True)
 
 
-def test_values_switch_off_namespaces_and_builder_secrets() -> None:
+def test_values_switch_off_namespaces_builder_secrets_and_policy() -> None:
     objects = render_chart(
-        set_values=["namespaces.create=false", "rbac.builderManagesBuildSecrets=false"]
+        set_values=[
+            "namespaces.create=false",
+            "rbac.builderManagesBuildSecrets=false",
+            "admission.buildJobOwnReportOnly=false",
+        ]
     )
-    assert not [o for o in objects if o["kind"] == "Namespace"]
+    assert {o["kind"] for o in objects} == {"ServiceAccount", "Role", "RoleBinding"}
     builder_role = next(
         o for o in objects if o["kind"] == "Role" and o["metadata"]["name"] == "lucity-builder"
     )

@@ -176,7 +176,55 @@ async def lucity_cluster(
     await _wait_for(
         "kube-root-ca.crt in the builds namespace", namespaces_ready, plane=kube_control_plane
     )
+    if any(o["kind"] == "ValidatingAdmissionPolicy" for o in objects):
+        await _wait_for_admission_policy(kube_admin, cluster, plane=kube_control_plane)
     return cluster
+
+
+async def _wait_for_admission_policy(
+    admin: client.ApiClient, cluster: LucityCluster, *, plane: ControlPlane
+) -> None:
+    """Wait until the apiserver enforces the chart's ValidatingAdmissionPolicy.
+
+    Policies take effect a moment after they are created (informer sync). Probe:
+    lucity-build-job, with a token bound to no pod, dry-run patches a suspended Job.
+    RBAC allows that, so a refusal can only come from the policy.
+    """
+    ns = cluster.builds_namespace
+    probe = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": "admission-probe", "namespace": ns},
+        "spec": {
+            "suspend": True,
+            "template": {
+                "spec": {
+                    "restartPolicy": "Never",
+                    "containers": [{"name": "probe", "image": "probe", "command": ["true"]}],
+                }
+            },
+        },
+    }
+    batch = client.BatchV1Api(admin)
+    # Suspended, so it never gets a pod; deleted again below.
+    await apply_objects(admin, [probe])
+    token = await mint_token(admin, namespace=ns, service_account=cluster.build_job_service_account)
+    async with client.ApiClient(plane.token_configuration(token)) as build_job:
+
+        async def enforced() -> bool:
+            try:
+                await client.BatchV1Api(build_job).patch_namespaced_job(
+                    "admission-probe",
+                    ns,
+                    {"metadata": {"annotations": {"builds.lucity.dev/report": "{}"}}},
+                    dry_run="All",
+                )
+            except client.ApiException as exc:
+                return exc.status == 403 and "ValidatingAdmissionPolicy" in str(exc.body)
+            return False
+
+        await _wait_for("the chart's ValidatingAdmissionPolicy", enforced, plane=plane)
+    await batch.delete_namespaced_job("admission-probe", ns, propagation_policy="Background")
 
 
 @pytest_asyncio.fixture(scope="session")
