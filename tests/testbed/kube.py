@@ -75,6 +75,7 @@ class ControlPlane:
     pki: Pki = field(init=False)
     port: int = field(init=False, default=0)
     _daemons: list[Daemon] = field(init=False, default_factory=list)
+    _etcd_url: str = field(init=False, default="")
 
     @property
     def url(self) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,7 +98,11 @@ class Identities:
 
 
 async def _wait_for(
-    what: str, probe: Any, *, plane: ControlPlane, timeout_s: float = CONTROLLERS_READY_TIMEOUT_S
+    what: str,
+    probe: Callable[[], Awaitable[bool]],
+    *,
+    plane: ControlPlane,
+    timeout_s: float = CONTROLLERS_READY_TIMEOUT_S,
 ) -> None:
     """Poll an async probe until it returns true, or fail with where the logs are."""
     deadline = time.monotonic() + timeout_s

@@ -140,6 +140,14 @@ class FakeKubelet:
 
     async def run(self) -> None:
         """Poll for new Pending pods and run each in its own task until cancelled."""
+        try:
+            await self._poll()
+        except Exception as exc:
+            # Waiting tests would otherwise time out without saying why.
+            await self._fail(exc)
+            raise
+
+    async def _poll(self) -> None:
         core = client.CoreV1Api(self.api)
         async with asyncio.TaskGroup() as tasks:
             while True:
@@ -164,10 +172,16 @@ class FakeKubelet:
             return None
 
         async with asyncio.timeout(timeout_s), self._changed:
-            await self._changed.wait_for(lambda: found() is not None)
+            await self._changed.wait_for(lambda: found() is not None or bool(self.errors))
         run = found()
-        assert run is not None
+        if run is None:
+            raise AssertionError(f"the fake kubelet failed: {self.errors!r}") from self.errors[0]
         return run
+
+    async def _fail(self, exc: BaseException) -> None:
+        async with self._changed:
+            self.errors.append(exc)
+            self._changed.notify_all()
 
     async def _guarded(self, pod: client.V1Pod) -> None:
         # One broken pod must not take the other pods (TaskGroup) down with it.
@@ -177,7 +191,7 @@ class FakeKubelet:
             raise
         except Exception as exc:
             log.exception("fake kubelet failed on pod %s", pod.metadata.name)
-            self.errors.append(exc)
+            await self._fail(exc)
             return
         async with self._changed:
             self.runs[run.name] = run
