@@ -14,10 +14,15 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 t0=$SECONDS
 step() { printf '\n=== %s (%ss)\n' "$*" "$((SECONDS - t0))"; }
 
-step "install test bed (apt packages, buildkit $(grep ^BUILDKIT_VERSION scripts/versions.env | cut -d= -f2))"
-scripts/install-testbed.sh apt buildkit
-step "python environment"
-scripts/bootstrap-python.sh
+# LUCITY_DEMO_SKIP_INSTALL=1 is for the test that runs this script from inside pytest:
+# scripts/test.sh has installed everything, and reinstalling into the venv that is
+# running the tests would be asking for trouble.
+if [[ "${LUCITY_DEMO_SKIP_INSTALL:-}" != 1 ]]; then
+  step "install test bed (apt packages, buildkit $(grep ^BUILDKIT_VERSION scripts/versions.env | cut -d= -f2))"
+  scripts/install-testbed.sh apt buildkit
+  step "python environment"
+  scripts/bootstrap-python.sh
+fi
 
 work="$(mktemp -d /tmp/lucity-demo-XXXXXX)"
 up_pid=""

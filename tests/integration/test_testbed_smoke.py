@@ -13,16 +13,22 @@ import hashlib
 import json
 import os
 import pwd
+import re
 import secrets
+import shlex
+import shutil
+import signal
 import socket
 import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.testbed.buildkit import BuildKit, read_image_digest, start_buildkitd
-from tests.testbed.process import DaemonError
+from tests.testbed.process import REPO, DaemonError
 from tests.testbed.registry import Registry, start_registry
 
 pytestmark = pytest.mark.buildkit
@@ -196,18 +202,23 @@ def test_base_image_is_pullable_only_with_credentials(registry: Registry, base_i
 
 def test_unstartable_buildkitd_fails_loudly(tmp_path: Path) -> None:
     log = tmp_path / "bad.log"
-    state_dirs_before = set(Path("/tmp").glob("lucity-buildkitd-*"))
+    # Its own parent dir (traversable by the daemon's user, unlike pytest's tmp_path), so
+    # the cleanup check is not disturbed by other test sessions on the machine.
+    state_parent = Path(tempfile.mkdtemp(prefix="lucity-smoke-"))
+    state_parent.chmod(0o755)
     started = time.monotonic()
+    try:
+        with pytest.raises(DaemonError) as excinfo:
+            start_buildkitd(extra_args=["--no-such-flag"], log_path=log, state_parent=state_parent)
 
-    with pytest.raises(DaemonError) as excinfo:
-        start_buildkitd(extra_args=["--no-such-flag"], log_path=log)
-
-    message = str(excinfo.value)
-    assert "buildkitd exited" in message
-    assert "flag provided but not defined: -no-such-flag" in message
-    assert time.monotonic() - started < 20
-    # A failed start cleans up after itself.
-    assert set(Path("/tmp").glob("lucity-buildkitd-*")) == state_dirs_before
+        message = str(excinfo.value)
+        assert "buildkitd exited" in message
+        assert "flag provided but not defined: -no-such-flag" in message
+        assert time.monotonic() - started < 20
+        # A failed start cleans up after itself.
+        assert list(state_parent.iterdir()) == []
+    finally:
+        shutil.rmtree(state_parent)
 
 
 def test_unstartable_registry_fails_loudly(tmp_path: Path) -> None:
@@ -305,3 +316,71 @@ def test_public_registry_names_are_served_by_the_test_registry(
     assert refused.returncode != 0
     assert "401 Unauthorized" in refused.stderr
     assert (tmp_path / "export" / "out").read_text() == "from-the-mirror\n"
+
+
+def _read_env_file(path: Path) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        key, value = line.split("=", 1)
+        env[key] = shlex.split(value)[0]
+    return env
+
+
+def test_testbed_cli_serves_until_sigterm(tmp_path: Path) -> None:
+    env_file = tmp_path / "testbed.env"
+    cli = subprocess.Popen(
+        [sys.executable, "-m", "tests.testbed", "up", "--env-file", str(env_file)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not env_file.exists():
+            assert cli.poll() is None, cli.communicate()[0]
+            assert time.monotonic() < deadline, "test bed CLI not ready after 60s"
+            time.sleep(0.1)
+        env = _read_env_file(env_file)
+        daemons = [int(env["LUCITY_BUILDKIT_PID"]), int(env["LUCITY_REGISTRY_PID"])]
+        workers = subprocess.run(
+            [env["LUCITY_BUILDCTL"], "--addr", env["LUCITY_BUILDKIT_TCP_ADDR"], "debug", "workers"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+        assert "linux/amd64" in workers.stdout
+        config = json.loads(
+            (Path(env["LUCITY_REGISTRY_DOCKER_CONFIG"]) / "config.json").read_text()
+        )
+        assert list(config["auths"]) == [env["LUCITY_REGISTRY"]]
+        assert env["LUCITY_BASE_IMAGE"] == f"{env['LUCITY_REGISTRY']}/base/busybox:1.35"
+    finally:
+        cli.send_signal(signal.SIGTERM)
+        output = cli.communicate(timeout=60)[0]
+
+    assert cli.returncode == 0, output
+    assert "stopped" in output
+    assert not env_file.exists()
+    for pid in daemons:
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text()
+
+
+@pytest.mark.slow
+def test_demo_runs_start_to_finish() -> None:
+    """The README's first command: it must keep working as the code around it changes."""
+    demo = subprocess.run(
+        [str(REPO / "scripts" / "demo.sh")],
+        cwd=REPO,
+        env={**os.environ, "LUCITY_DEMO_SKIP_INSTALL": "1"},
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+
+    assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
+    assert "sample-app ok: 2 files verified, running as uid 10001" in demo.stdout
+    assert "served: <h1>Hello from the Lucity sample app</h1>" in demo.stdout
+    assert re.search(r"^digest: sha256:[0-9a-f]{64}$", demo.stdout, re.MULTILINE)

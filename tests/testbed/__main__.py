@@ -57,6 +57,8 @@ def _environment(
         # A client-side DOCKER_CONFIG directory; the password is only in its config.json.
         "LUCITY_REGISTRY_DOCKER_CONFIG": str(client_config),
         "LUCITY_REGISTRY_LOG": str(registry.log_path),
+        "LUCITY_BUILDKIT_PID": str(kit.pid),
+        "LUCITY_REGISTRY_PID": str(registry.pid),
     }
     if base_image:
         env["LUCITY_BASE_IMAGE"] = base_image

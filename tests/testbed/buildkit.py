@@ -144,7 +144,12 @@ class BuildKit:
                 # second signal, which makes buildkitd skip its graceful shutdown.
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGTERM)
-                _wait_gone({pid: tree[pid]}, GRACEFUL_STOP_S)
+                if not _wait_gone({pid: tree[pid]}, GRACEFUL_STOP_S):
+                    # Still draining a client stream: its forced shutdown needs two more
+                    # TERMs and may still wait on a step, so end it outright.
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                    _wait_gone({pid: tree[pid]}, GRACEFUL_STOP_S)
             self.daemon.stop()
             leftovers = {p: t for p, t in tree.items() if _start_time(p) == t}
             for leftover in leftovers:
@@ -192,11 +197,14 @@ def _descendants(root_pid: int) -> dict[int, int]:
     return found
 
 
-def _wait_gone(processes: Mapping[int, int], timeout_s: float) -> None:
+def _wait_gone(processes: Mapping[int, int], timeout_s: float) -> bool:
+    """Wait until none of the processes runs any more; False if the deadline passed."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    while True:
         if all(_start_time(pid) != started for pid, started in processes.items()):
-            return
+            return True
+        if time.monotonic() > deadline:
+            return False
         time.sleep(0.05)
 
 
@@ -268,6 +276,7 @@ def start_buildkitd(
     insecure_registries: Sequence[str] = (),
     mirrors: Mapping[str, Sequence[str]] | None = None,
     log_path: Path | None = None,
+    state_parent: Path | None = None,
     user: str | None = None,
     extra_args: Sequence[str] = (),
     debug: bool = False,
@@ -291,7 +300,7 @@ def start_buildkitd(
     if rootlesskit is None:
         raise DaemonError("rootlesskit not found; run scripts/install-testbed.sh apt")
 
-    state = Path(tempfile.mkdtemp(prefix="lucity-buildkitd-"))
+    state = Path(tempfile.mkdtemp(prefix="lucity-buildkitd-", dir=state_parent))
     state.chmod(0o755)
     try:
         daemon, port = _launch(
