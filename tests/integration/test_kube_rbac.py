@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kubernetes_asyncio import client
+from kubernetes_asyncio import client, watch
 
 from tests.integration.kube_jobs import build_job, status_of
 from tests.testbed.kube_fixtures import Identities, LucityCluster
@@ -192,6 +192,30 @@ async def test_builder_manages_jobs_and_reads_pods(
     # Allowed by RBAC, then 404 for want of the pod (a denied request would be 403).
     assert await status_of(core(builder_api).read_namespaced_pod_log("no-such-pod", ns)) == 404
     assert await status_of(batch(builder_api).delete_namespaced_job(name, ns)) == 200
+
+
+async def _watch_events(list_call: Any, namespace: str) -> list[dict[str, Any]]:
+    """Every event of a watch that the server ends after a second."""
+    async with watch.Watch() as stream:
+        return [event async for event in stream.stream(list_call, namespace, timeout_seconds=1)]
+
+
+async def test_builder_may_watch_jobs_and_pods(
+    builder_api: client.ApiClient, lucity_cluster: LucityCluster
+) -> None:
+    """A watch is its own verb: the streams open, and show the builder's Job."""
+    ns = lucity_cluster.builds_namespace
+    job = _job(lucity_cluster)
+    await batch(builder_api).create_namespaced_job(ns, job)
+    name = job["metadata"]["name"]
+    jobs = await _watch_events(batch(builder_api).list_namespaced_job, ns)
+    assert ("ADDED", name) in [(e["type"], e["object"].metadata.name) for e in jobs]
+    await _watch_events(core(builder_api).list_namespaced_pod, ns)
+    await batch(builder_api).delete_namespaced_job(name, ns)
+    # Outside the builds namespace a watch is refused like a list.
+    with pytest.raises(client.ApiException) as refused:
+        await _watch_events(batch(builder_api).list_namespaced_job, "default")
+    assert refused.value.status == 403
 
 
 async def test_builder_secrets_are_write_only(
