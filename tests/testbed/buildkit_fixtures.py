@@ -39,7 +39,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 def _report_startup(config: pytest.Config, what: str, seconds: float) -> None:
     reporter = config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
+    capture = config.pluginmanager.get_plugin("capturemanager")
+    if reporter is None or capture is None:
+        return
+    # Fixture setup runs with output captured; start-up times belong on the terminal.
+    with capture.global_and_fixture_disabled():
         reporter.write_line(f"[testbed] {what} in {seconds:.2f}s")
 
 
