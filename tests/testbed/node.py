@@ -171,8 +171,14 @@ class FakeKubelet:
                     return run
             return None
 
-        async with asyncio.timeout(timeout_s), self._changed:
-            await self._changed.wait_for(lambda: found() is not None or bool(self.errors))
+        try:
+            async with asyncio.timeout(timeout_s), self._changed:
+                await self._changed.wait_for(lambda: found() is not None or bool(self.errors))
+        except TimeoutError:
+            raise AssertionError(
+                f"no pod of Job {job_name} finished within {timeout_s:.0f}s; "
+                f"pods run so far: {sorted(self.runs)}"
+            ) from None
         run = found()
         if run is None:
             raise AssertionError(f"the fake kubelet failed: {self.errors!r}") from self.errors[0]
