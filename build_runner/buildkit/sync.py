@@ -174,6 +174,12 @@ class _DiffCopyPump:
         except filesync.FileSyncError as exc:
             await self.context.write(sender.error(str(exc)))
             await self.context.abort(grpc.StatusCode.INTERNAL, f"local {name!r}: {exc}")
+        except OSError as exc:
+            # A read failing mid-file (an unreadable file is sent empty, as
+            # send.go does): tell the receiver instead of ending with UNKNOWN.
+            message = f"reading local {name!r} failed: {exc}"
+            await self.context.write(sender.error(message))
+            await self.context.abort(grpc.StatusCode.INTERNAL, message)
         finally:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
