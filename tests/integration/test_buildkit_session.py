@@ -380,7 +380,10 @@ async def test_unknown_secret_fails_the_step(
 
 
 async def test_push_needs_the_session_credentials(
-    control: control_pb2_grpc.ControlStub, registry: Registry, tmp_path: Path
+    control: control_pb2_grpc.ControlStub,
+    registry: Registry,
+    registry_docker_config: Path,
+    tmp_path: Path,
 ) -> None:
     (tmp_path / "ctx").mkdir()
     (tmp_path / "ctx" / "f").write_text(secrets.token_hex(8))
@@ -393,9 +396,9 @@ async def test_push_needs_the_session_credentials(
     assert "401" in (info.value.details() or "")
     assert not registry.tag_exists("session/auth", tag)
 
-    authorized = Session(
-        credentials=credentials_for(registry), local_dirs={"context": tmp_path / "ctx"}
-    )
+    # The client-side docker config the test bed writes, found via DOCKER_CONFIG.
+    from_config = Credentials.from_environment({"DOCKER_CONFIG": str(registry_docker_config)})
+    authorized = Session(credentials=from_config, local_dirs={"context": tmp_path / "ctx"})
     response = await solve(control, authorized, definition, push=registry.ref("session/auth", tag))
     assert response["containerimage.digest"] == registry.manifest_digest("session/auth", tag)
 
@@ -521,3 +524,18 @@ async def test_follow_paths(
     (layer,) = pushed_layers(registry, "session/fp", tag)
     assert sorted(layer) == ["alias", "real", "real/sub", "real/sub/wanted.txt"]
     assert layer["alias"].info.linkname == "real"
+
+
+@pytest.mark.slow
+async def test_session_survives_health_checks_through_a_long_step(
+    control: control_pb2_grpc.ControlStub, registry: Registry, base_image: str
+) -> None:
+    # The daemon checks health every 5 s and drops the session after two
+    # failures; the push after the step needs the session's credentials, so it
+    # only succeeds if the session lived through three rounds of checks.
+    graph = Graph()
+    step = run(graph, image_source(graph, base_image), f"sleep 16; echo {secrets.token_hex(4)}")
+    tag = secrets.token_hex(6)
+    session = Session(credentials=credentials_for(registry))
+    response = await solve(control, session, graph.definition(step), push=registry.ref("s/h", tag))
+    assert response["containerimage.digest"] == registry.manifest_digest("s/h", tag)
