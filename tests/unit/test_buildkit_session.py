@@ -16,6 +16,7 @@ import json
 import os
 import stat
 import tempfile
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -308,6 +309,8 @@ async def test_clean_exit_leaves_no_failure_and_no_tasks(
     assert session.error is None
     names = {t.get_name() for t in asyncio.all_tasks() if not t.done()}
     assert not {n for n in names if n.startswith(("session-", "diffcopy-"))}
+    # The private server's thread (and its event loop) is joined on exit.
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("session-server")]
 
 
 async def test_dead_daemon_fails_fast(tmp_path: Path) -> None:
