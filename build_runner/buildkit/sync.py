@@ -198,7 +198,9 @@ class _DiffCopyPump:
                 elif isinstance(event, filesync.ReceiverFinished):
                     self.queue.put_nowait(None)
                     return
-        except filesync.FileSyncError as exc:
+        except Exception as exc:
+            # Whatever ends the reader (a protocol error, or the stream failing
+            # under us) must reach the writer, which may be waiting for a REQ.
             self.queue.put_nowait(_Failed(exc))
 
     async def _write(self, sender: filesync.FileSender) -> None:

@@ -353,3 +353,49 @@ async def test_silent_daemon_times_out(tmp_path: Path) -> None:
         await channel.close(None)
         with contextlib.suppress(Exception):
             await server.stop(None)
+
+
+async def _read_until_error(
+    call: grpc.aio.StreamStreamCall[wire_pb2.Packet, wire_pb2.Packet],
+) -> tuple[list[wire_pb2.Packet], grpc.aio.AioRpcError]:
+    packets: list[wire_pb2.Packet] = []
+    try:
+        while isinstance(packet := await call.read(), wire_pb2.Packet):
+            packets.append(packet)
+    except grpc.aio.AioRpcError as exc:
+        return packets, exc
+    raise AssertionError(f"stream ended with {await call.code()} after {len(packets)} packets")
+
+
+async def test_diffcopy_ends_cleanly_when_the_receiver_misbehaves(
+    fake_daemon: tuple[FakeControl, control_pb2_grpc.ControlStub, grpc.aio.Channel],
+    context_dir: Path,
+) -> None:
+    fake, stub, tunnel = fake_daemon
+    session = Session(local_dirs={"context": context_dir})
+    sync = filesync_pb2_grpc.FileSyncStub(tunnel)  # type: ignore[no-untyped-call]
+    async with asyncio.timeout(30), session.attach(stub):
+        await fake.listening.wait()
+
+        # The receiver aborts with ERR: the sender stops and says why.
+        call = sync.DiffCopy(metadata=[("dir-name", "context")])
+        first = await call.read()
+        assert isinstance(first, wire_pb2.Packet)
+        await call.write(wire_pb2.Packet(type=wire_pb2.Packet.PACKET_ERR, data=b"disk full"))
+        _, error = await _read_until_error(call)
+        assert error.code() == grpc.StatusCode.ABORTED
+        assert error.details() == "error from receiver: disk full"
+
+        # The receiver half-closes before FIN: ERR packet, then INTERNAL.
+        call = sync.DiffCopy(metadata=[("dir-name", "context")])
+        await call.done_writing()
+        packets, error = await _read_until_error(call)
+        assert error.code() == grpc.StatusCode.INTERNAL
+        assert "receiver closed the stream before FIN" in (error.details() or "")
+        assert packets[-1].type == wire_pb2.Packet.PACKET_ERR
+
+        # The session itself is unharmed.
+        health = health_pb2_grpc.HealthStub(tunnel)
+        reply = await health.Check(health_pb2.HealthCheckRequest(service=""))
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    assert not session.failed.is_set()
