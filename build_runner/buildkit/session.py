@@ -79,6 +79,9 @@ class _ServerThread:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
+        # Set by the thread once `_loop` and `_stop` exist, so stop() can never
+        # miss the thread, even if start() was cancelled half-way.
+        self._ready = threading.Event()
 
     async def start(self, address: str) -> None:
         """Start serving on `address`; raises SessionError if the server can't start."""
@@ -95,6 +98,10 @@ class _ServerThread:
     async def _serve(self, address: str, started: concurrent.futures.Future[None]) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
+        self._ready.set()
+        # False if start() was cancelled first; once running it can't be cancelled.
+        if not started.set_running_or_notify_cancel():
+            return
         try:
             server = self._build()
             server.add_insecure_port(address)
@@ -110,11 +117,18 @@ class _ServerThread:
 
     async def stop(self) -> None:
         """Stop the server (in-flight calls get a short grace) and join the thread."""
+        if self._thread is None:
+            return
+        thread = self._thread
+        await asyncio.to_thread(self._wait_ready, thread)
         if self._loop is not None and self._stop is not None:
             with contextlib.suppress(RuntimeError):  # its loop already ended
                 self._loop.call_soon_threadsafe(self._stop.set)
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join)
+        await asyncio.to_thread(thread.join)
+
+    def _wait_ready(self, thread: threading.Thread) -> None:
+        while not self._ready.wait(0.1) and thread.is_alive():
+            pass
 
 
 def _private_dir() -> str:

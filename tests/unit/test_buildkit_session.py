@@ -349,6 +349,18 @@ async def test_silent_daemon_times_out(tmp_path: Path) -> None:
         with pytest.raises(SessionError, match="did not answer"):
             async with asyncio.timeout(30), Session(connect_timeout_s=0.5).attach(stub):
                 pytest.fail("attached to a daemon that never answered")
+
+        # A caller that gives up while attaching (cancels) leaves nothing behind.
+        async def attach_forever() -> None:
+            async with Session(connect_timeout_s=3600).attach(stub):
+                pytest.fail("attached to a daemon that never answered")
+
+        attaching = asyncio.create_task(attach_forever())
+        await asyncio.sleep(0.3)
+        attaching.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await attaching
+        assert not [t for t in threading.enumerate() if t.name.startswith("session-server")]
     finally:
         await channel.close(None)
         with contextlib.suppress(Exception):
