@@ -7,8 +7,8 @@
 # HTTP endpoint inside a build step. Prints the image reference and digest, and stops
 # the daemons on exit.
 #
-# For now buildctl drives the build; it will switch to the build runner
-# (build_runner/) as that lands.
+# Our Python BuildKit client (build_runner/, via scripts/demo_build.py) drives the
+# build and push; buildctl, an independent client, pulls the digest back to run it.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 t0=$SECONDS
@@ -60,11 +60,11 @@ buildctl() { DOCKER_CONFIG="$LUCITY_REGISTRY_DOCKER_CONFIG" "$LUCITY_BUILDCTL" -
 app=tests/fixtures/sample-app
 ref="$LUCITY_REGISTRY/demo/sample-app:$(date -u +%Y%m%d-%H%M%S)"
 step "build $app and push $ref"
-buildctl build --progress=plain \
-  --frontend dockerfile.v0 --local context="$app" --local dockerfile="$app" \
-  --opt build-arg:BASE="$LUCITY_BASE_IMAGE" \
-  --output "type=image,name=$ref,push=true" \
-  --metadata-file "$work/metadata.json"
+# Our Python client (build_runner) builds the app's Dockerfile steps as LLB; the
+# credentials come from the client-side docker config through its session.
+.venv/bin/python scripts/demo_build.py --addr "$LUCITY_BUILDKIT_ADDR" \
+  --base "$LUCITY_BASE_IMAGE" --context "$app" --ref "$ref" \
+  --docker-config "$LUCITY_REGISTRY_DOCKER_CONFIG" --metadata-file "$work/metadata.json"
 digest="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["containerimage.digest"])' "$work/metadata.json")"
 
 step "pull $ref@$digest back and run it inside a build step"
