@@ -19,6 +19,7 @@ import secrets as token_source
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 
 import grpc
@@ -57,12 +58,36 @@ TUNNEL_READ_SIZE = 256 * 1024
 DEFAULT_CONNECT_TIMEOUT_S = 10.0
 # How long closing waits for the server's in-flight handlers.
 SERVER_STOP_GRACE_S = 1.0
+# The daemon health-checks every session every 5 s (session/grpc.go) and drops
+# it after two failed checks, each allowed 15 s, WITHOUT ending the
+# Control.Session stream. Silence this long therefore means the daemon has
+# dropped us; reporting it beats a build failing later with "no active session".
+DEFAULT_HEALTH_SILENCE_S = 40.0
 # Message limits as the Go client sets them (16 MiB both ways).
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 SOCKET_NAME = "session.sock"
 # sockaddr_un holds 108 bytes including the NUL; a longer path cannot be bound.
 MAX_SOCKET_PATH = 107
+
+
+class _WatchedHealth(health.aio.HealthServicer):  # type: ignore[misc,name-defined]
+    """grpc_health's servicer, noting when the daemon last checked on us."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        # Written by the server thread, read by the caller's loop: a float
+        # assignment is atomic under the GIL.
+        self.last_check = time.monotonic()
+
+    async def Check(
+        self,
+        request: health_pb2.HealthCheckRequest,
+        context: grpc.aio.ServicerContext[object, object],
+    ) -> health_pb2.HealthCheckResponse:
+        self.last_check = time.monotonic()
+        response: health_pb2.HealthCheckResponse = await super().Check(request, context)
+        return response
 
 
 class _ServerThread:
@@ -174,11 +199,15 @@ class Session:
         name: str = "lucity-builder",
         session_id: str | None = None,
         connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
+        health_silence_s: float | None = DEFAULT_HEALTH_SILENCE_S,
     ) -> None:
         self.id: str = session_id or new_session_id()
         self.shared_key = shared_key
         self.name = name
         self.connect_timeout_s = connect_timeout_s
+        self.health_silence_s = health_silence_s
+        """Fail the session when no health check came for this long; None: never."""
+        self._health = _WatchedHealth()
         self._credentials = credentials if credentials is not None else Credentials()
         self._local_dirs = dict(local_dirs or {})
         self._secrets = dict(secrets or {})
@@ -223,10 +252,9 @@ class Session:
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ]
         )
-        # The generated registration functions are untyped; grpc_health's stubs
-        # lack its asyncio servicer.
-        health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        # The generated registration functions are untyped.
+        self._health = _WatchedHealth()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         auth = AuthServicer(self._credentials)
         auth_pb2_grpc.add_AuthServicer_to_server(auth, server)  # type: ignore[no-untyped-call]
         if self._local_dirs:
@@ -266,6 +294,12 @@ class Session:
             await self._await_daemon(call)
             tasks.append(asyncio.create_task(self._incoming(call, writer), name="session-in"))
             tasks.append(asyncio.create_task(self._watch(call), name="session-watch"))
+            if self.health_silence_s is not None:
+                tasks.append(
+                    asyncio.create_task(
+                        self._watch_health(self.health_silence_s), name="session-health"
+                    )
+                )
             logger.debug("session %s attached, serving %s", self.id, self.methods)
             yield
         finally:
@@ -353,6 +387,21 @@ class Session:
         if not self._closing and not self.failed.is_set():
             details = await call.details()
             self._fail(f"session tunnel to buildkitd broke: {code.name}: {details}", code)
+
+    async def _watch_health(self, silence_s: float) -> None:
+        """Report a daemon that stopped health-checking us: it has dropped the session."""
+        # Counted from attach: the first check comes about 5 s after connecting.
+        self._health.last_check = time.monotonic()
+        while not self.failed.is_set():
+            quiet_s = time.monotonic() - self._health.last_check
+            if quiet_s > silence_s:
+                self._fail(
+                    f"buildkitd stopped health-checking the session ({quiet_s:.0f} s without a "
+                    "check); it drops sessions whose checks fail",
+                    None,
+                )
+                return
+            await asyncio.sleep(min(1.0, silence_s / 4))
 
     def _fail(self, message: str, code: grpc.StatusCode | None) -> None:
         if self.failed.is_set():

@@ -536,6 +536,7 @@ async def test_session_survives_health_checks_through_a_long_step(
     graph = Graph()
     step = run(graph, image_source(graph, base_image), f"sleep 16; echo {secrets.token_hex(4)}")
     tag = secrets.token_hex(6)
-    session = Session(credentials=credentials_for(registry))
+    # A tight silence limit also proves the daemon's checks reach our servicer.
+    session = Session(credentials=credentials_for(registry), health_silence_s=12)
     response = await solve(control, session, graph.definition(step), push=registry.ref("s/h", tag))
     assert response["containerimage.digest"] == registry.manifest_digest("s/h", tag)

@@ -411,3 +411,24 @@ async def test_diffcopy_ends_cleanly_when_the_receiver_misbehaves(
         reply = await health.Check(health_pb2.HealthCheckRequest(service=""))
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
     assert not session.failed.is_set()
+
+
+async def test_health_silence_fails_the_session(
+    fake_daemon: tuple[FakeControl, control_pb2_grpc.ControlStub, grpc.aio.Channel],
+) -> None:
+    fake, stub, tunnel = fake_daemon
+    health = health_pb2_grpc.HealthStub(tunnel)
+    session = Session(health_silence_s=1.0)
+    async with asyncio.timeout(30), session.attach(stub):
+        await fake.listening.wait()
+        # Checks every 0.3 s keep the session alive past the silence limit...
+        loop = asyncio.get_running_loop()
+        until = loop.time() + 2.5
+        while loop.time() < until:
+            await health.Check(health_pb2.HealthCheckRequest(service=""))
+            assert not session.failed.is_set()
+            await asyncio.sleep(0.3)
+        # ...and their absence fails it, as the daemon has dropped us by then.
+        await asyncio.wait_for(session.failed.wait(), 5)
+    assert isinstance(session.error, SessionError)
+    assert str(session.error).startswith("buildkitd stopped health-checking the session")
