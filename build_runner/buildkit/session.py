@@ -1,11 +1,12 @@
 """The BuildKit client session: a private gRPC server tunnelled through Control.Session.
 
 Owns the tunnel only (BuildKit `session/session.go`, `session/grpchijack`): a
-grpc.aio server on a Unix socket in a private 0700 directory serves the
-attachables (Health, Auth, FileSync, Secrets); `Control.Session` carries the
-raw HTTP/2 bytes between that socket and the daemon, which is the HTTP/2 client
-on this connection. The attachables themselves live in `auth.py`, `sync.py`
-and `secrets.py`. A broken tunnel sets `failed` and `error` instead of hanging.
+grpc.aio server, on its own event loop in a thread, listens on a Unix socket in
+a private 0700 directory and serves the attachables (Health, Auth, FileSync,
+Secrets); `Control.Session` carries the raw HTTP/2 bytes between that socket and
+the daemon, which is the HTTP/2 client on this connection. The attachables
+themselves live in `auth.py`, `sync.py` and `secrets.py`. A broken tunnel, or a
+daemon that stops health-checking us, sets `failed` and `error` instead of hanging.
 """
 
 from __future__ import annotations
