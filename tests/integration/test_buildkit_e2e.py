@@ -30,14 +30,14 @@ import secrets
 import stat
 import tarfile
 import urllib.request
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import pytest
 
 from build_runner import llb
 from build_runner._pb.buildkit import control_pb2
-from build_runner.buildkit.auth import Credentials
+from build_runner.buildkit.auth import Credentials, RegistryCredential
 from build_runner.buildkit.client import BuildkitClient, ConnectOptions
 from build_runner.buildkit.errors import SolveError
 from build_runner.buildkit.exports import ImageConfig, ImageExport, RegistryCache, SolveResult
@@ -87,6 +87,27 @@ class Recorder:
         found = [v for v in self.progress.vertices if v.name == name]
         assert len(found) == 1, (name, [v.name for v in self.progress.vertices], self.lines)
         return found[0]
+
+
+class RecordingCredentials(Credentials):
+    """Client credentials that remember which hosts the daemon asked our session for."""
+
+    __slots__ = ("asked",)
+
+    def __init__(self, entries: Mapping[str, RegistryCredential] | None = None) -> None:
+        super().__init__(entries)
+        self.asked: list[str] = []
+
+    def lookup(self, host: str) -> RegistryCredential | None:
+        self.asked.append(host)
+        return super().lookup(host)
+
+
+def recording_credentials(docker_config: Path) -> RecordingCredentials:
+    """RecordingCredentials loaded from a client-side DOCKER_CONFIG directory."""
+    loaded = RecordingCredentials.from_docker_config_dir(docker_config)
+    assert isinstance(loaded, RecordingCredentials)  # the loaders construct `cls`
+    return loaded
 
 
 def _basic_auth(registry: Registry) -> str:
@@ -232,6 +253,8 @@ class PushedApp:
     label: str
     context: Path
     scan_output: list[str]
+    # Hosts the daemon asked our session's Auth service for during the good build.
+    asked_for_credentials: list[str]
 
 
 @pytest.fixture(scope="module")
@@ -258,29 +281,30 @@ async def pushed_app(
         names=[registry.ref(repository, tag)], push=True, config=app_config(platform, label)
     )
 
-    anonymous = Session(
-        credentials=Credentials.from_docker_config_dir(empty_docker_config),
-        local_dirs={"context": context},
-    )
+    nothing = recording_credentials(empty_docker_config)
+    anonymous = Session(credentials=nothing, local_dirs={"context": context})
     with pytest.raises(SolveError, match=r"401 Unauthorized|unauthorized"):
         await client.solve(definition, session=anonymous, exports=[export])
     assert not registry.tag_exists(repository, tag)
+    # The daemon did ask our session, which had nothing to give.
+    assert registry.host in nothing.asked
 
     recorder = Recorder()
-    session = Session(
-        credentials=Credentials.from_docker_config_dir(registry_docker_config),
-        local_dirs={"context": context},
-    )
+    credentials = recording_credentials(registry_docker_config)
+    session = Session(credentials=credentials, local_dirs={"context": context})
     result = await client.solve(definition, session=session, exports=[export], on_progress=recorder)
     assert not session.failed.is_set(), session.error
+    asked_for_credentials = list(credentials.asked)
     scan_output = list(recorder.vertex(run_name).log_tail)
-    return PushedApp(repository, tag, result, label, context, scan_output)
+    return PushedApp(repository, tag, result, label, context, scan_output, asked_for_credentials)
 
 
 def test_push_succeeds_only_with_session_credentials(
     pushed_app: PushedApp, registry: Registry
 ) -> None:
     assert registry.tag_exists(pushed_app.repository, pushed_app.tag)
+    # The credentials came from our session (the daemon's own DOCKER_CONFIG is empty).
+    assert registry.host in pushed_app.asked_for_credentials
     # The image is the one we built: the context and the scan result are in it.
     hello = image_file(registry, pushed_app.repository, pushed_app.tag, "/app/hello.txt")
     assert hello == (pushed_app.context / "hello.txt").read_bytes()
