@@ -51,6 +51,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import os
 import re
 import resource
 import secrets
@@ -96,6 +97,7 @@ UNIT_BYTES = {
 MIN_TRANSFER_SHARE = 0.9
 BUILDCTL_TIMEOUT_S = 600.0
 CLIENTS = ("python", "buildctl")
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +105,8 @@ class Sample:
     wall_s: float
     cpu_s: float
     transferred: int
+    # buildkitd's own CPU during the run: equal on both sides means equal daemon work.
+    daemon_cpu_s: float = 0.0
 
 
 @dataclasses.dataclass
@@ -112,6 +116,14 @@ class Scenario:
     # Per run: exporter for our client, --output for buildctl (both may be empty).
     exports: Callable[[str], list[ExportSpec]]
     buildctl_output: Callable[[str], list[str]]
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU of a process (all its threads) so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    # After the comm field: utime and stime are fields 14 and 15 of stat(5).
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
 def _bytes(value: str, unit: str) -> int:
@@ -195,10 +207,13 @@ class Bench:
         async def one(client: str, timed: bool) -> None:
             await self.prune()
             tag = f"{scenario.name}-{client}-{secrets.token_hex(4)}"
+            daemon_before = process_cpu_s(self.kit.pid)
             if client == "python":
                 sample = await self.run_python(scenario, tag)
             else:
                 sample = await asyncio.to_thread(self.run_buildctl, scenario, tag)
+            daemon_cpu = process_cpu_s(self.kit.pid) - daemon_before
+            sample = dataclasses.replace(sample, daemon_cpu_s=daemon_cpu)
             if sample.transferred < MIN_TRANSFER_SHARE * self.context_bytes:
                 raise RuntimeError(
                     f"{client} transferred {sample.transferred} of {self.context_bytes} bytes: "
@@ -207,6 +222,7 @@ class Bench:
             print(
                 f"  {scenario.name:6} {client:8} {'' if timed else '(warm-up) '}"
                 f"wall {sample.wall_s:6.2f}s cpu {sample.cpu_s:6.2f}s "
+                f"daemon cpu {sample.daemon_cpu_s:6.2f}s "
                 f"sent {sample.transferred / 2**20:7.1f} MiB",
                 flush=True,
             )
@@ -266,6 +282,8 @@ def report(name: str, samples: dict[str, list[Sample]]) -> str:
     py_cpu = [s.cpu_s for s in samples["python"]]
     ctl_cpu = [s.cpu_s for s in samples["buildctl"]]
     ratios = [p / c for p, c in zip(py, ctl, strict=True)]
+    py_daemon = statistics.median(s.daemon_cpu_s for s in samples["python"])
+    ctl_daemon = statistics.median(s.daemon_cpu_s for s in samples["buildctl"])
     return (
         f"{name:6} wall median python {statistics.median(py):6.2f}s "
         f"buildctl {statistics.median(ctl):6.2f}s "
@@ -273,7 +291,8 @@ def report(name: str, samples: dict[str, list[Sample]]) -> str:
         f"(per-rep ratios {', '.join(f'{r:.2f}' for r in ratios)}) | "
         f"client cpu median python {statistics.median(py_cpu):5.2f}s "
         f"buildctl {statistics.median(ctl_cpu):5.2f}s "
-        f"ratio {statistics.median(py_cpu) / max(statistics.median(ctl_cpu), 1e-9):4.2f}"
+        f"ratio {statistics.median(py_cpu) / max(statistics.median(ctl_cpu), 1e-9):4.2f} | "
+        f"daemon cpu median with python {py_daemon:5.2f}s with buildctl {ctl_daemon:5.2f}s"
     )
 
 
