@@ -7,8 +7,8 @@ client-side docker config.json). The claims checked, each by a test that can fai
 1. FROM the test registry's base image + COPY of a local context + RUN + push works
    only because the session served the credentials; neither buildkitd's files nor
    its (or rootlesskit's) environment hold them, and a RUN step that searches its
-   whole filesystem and every readable process environment finds nothing, while
-   the same search does find the password when it is planted in the context.
+   whole filesystem and every process environment and command line it can read
+   finds nothing, while the same search finds the password planted in the context.
 2. The digest the client returns is the registry's manifest digest, and the config
    blob carries the user, workdir, env, cmd and labels we set.
 3. After a full prune, a build importing the registry cache (mode=max, image
@@ -196,16 +196,18 @@ hits=$(find / \\( -path /proc -o -path /sys -o -path /scan \\) -prune -o -type f
        | xargs -0 grep -lF -f /scan/patterns 2>/dev/null)
 env_hit=$(env | grep -cF -f /scan/patterns)
 environs=0
+cmdlines=0
 proc_hits=""
-for f in /proc/[0-9]*/environ; do
+for f in /proc/[0-9]*/environ /proc/[0-9]*/cmdline; do
   if cat "$f" >/dev/null 2>&1; then
-    environs=$((environs + 1))
+    case "$f" in *environ) environs=$((environs + 1));; *) cmdlines=$((cmdlines + 1));; esac
     if grep -qF -f /scan/patterns "$f" 2>/dev/null; then proc_hits="$proc_hits $f"; fi
   fi
 done
 {{
   echo "files" $scanned
   echo "environs $environs"
+  echo "cmdlines $cmdlines"
   echo "env_hits $env_hit"
   echo "file_hits $hits"
   echo "proc_hits $proc_hits"
@@ -324,6 +326,10 @@ def test_run_step_finds_no_credentials(pushed_app: PushedApp, registry: Registry
     expected = {"/bin/busybox", "/etc/passwd", "/app/hello.txt", "/app/sub/data.bin"}
     assert expected <= scanned, raw
     assert int(result["environs"]) >= 1, raw
+    # Without a process sandbox the step shares the host's PID namespace: it can read
+    # the command line of every process on the machine (the test bed's daemons, this
+    # test) and the environment of its own processes only (checked on the test bed).
+    assert int(result["cmdlines"]) >= 10, raw
     assert result["file_hits"].strip() == "", raw
     assert result["env_hits"].strip() == "0", raw
     assert result["proc_hits"].strip() == "", raw
