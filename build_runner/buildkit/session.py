@@ -1,27 +1,23 @@
-"""The BuildKit client session: a private gRPC server tunnelled through Control.Session.
+"""The BuildKit client session: a gRPC server tunnelled through Control.Session.
 
-Owns the tunnel only (BuildKit `session/session.go`, `session/grpchijack`): a
-grpc.aio server, on its own event loop in a thread, listens on a Unix socket in
-a private 0700 directory and serves the attachables (Health, Auth, FileSync,
-Secrets); `Control.Session` carries the raw HTTP/2 bytes between that socket and
-the daemon, which is the HTTP/2 client on this connection. The attachables
-themselves live in `auth.py`, `sync.py` and `secrets.py`. A broken tunnel, or a
-daemon that stops health-checking us, sets `failed` and `error` instead of hanging.
+Owns the tunnel only (BuildKit `session/session.go`, `session/grpchijack`):
+`Control.Session` carries raw HTTP/2 bytes, the daemon being the HTTP/2 client,
+and `tunnel.TunnelServer` serves the attachables (Health, Auth, FileSync,
+Secrets) on those bytes in this process and on the caller's event loop: no
+socket, no thread, no second gRPC stack. The attachables themselves live in
+`auth.py`, `sync.py` and `secrets.py`. A broken tunnel, or a daemon that stops
+health-checking us, sets `failed` and `error` instead of hanging.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import logging
 import os
 import secrets as token_source
-import shutil
-import tempfile
-import threading
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 
 import grpc
 from google.protobuf.descriptor import FileDescriptor
@@ -41,6 +37,7 @@ from build_runner.buildkit.auth import AuthServicer, Credentials
 from build_runner.buildkit.errors import SessionError
 from build_runner.buildkit.secrets import SecretsServicer
 from build_runner.buildkit.sync import FileSyncServicer
+from build_runner.buildkit.tunnel import MethodRegistry, TunnelProtocolError, TunnelServer
 
 logger = logging.getLogger(__name__)
 
@@ -51,25 +48,19 @@ HEADER_SESSION_NAME = "x-docker-expose-session-name"
 HEADER_SHARED_KEY = "x-docker-expose-session-sharedkey"
 HEADER_METHOD = "x-docker-expose-session-grpc-method"
 
-# Tunnel reads of this size keep the message count low for bulk uploads while
-# staying far below the daemon's message size limit.
-TUNNEL_READ_SIZE = 256 * 1024
+# Outbound tunnel messages carry up to this much of the HTTP/2 byte stream: the
+# cost of the Control.Session stream is per message, and 1 MiB stays far below
+# the daemon's 16 MiB message limit. Bytes queued while one message is being
+# sent go out together in the next.
+TUNNEL_MESSAGE_BYTES = 1024 * 1024
 # How long attach() waits for the daemon to answer the Session call. The
 # daemon sends its HTTP/2 preface at once, so a few seconds means it is gone.
 DEFAULT_CONNECT_TIMEOUT_S = 10.0
-# How long closing waits for the server's in-flight handlers.
-SERVER_STOP_GRACE_S = 1.0
 # The daemon health-checks every session every 5 s (session/grpc.go) and drops
 # it after two failed checks, each allowed 15 s, WITHOUT ending the
 # Control.Session stream. Silence this long therefore means the daemon has
 # dropped us; reporting it beats a build failing later with "no active session".
 DEFAULT_HEALTH_SILENCE_S = 40.0
-# Message limits as the Go client sets them (16 MiB both ways).
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024
-
-SOCKET_NAME = "session.sock"
-# sockaddr_un holds 108 bytes including the NUL; a longer path cannot be bound.
-MAX_SOCKET_PATH = 107
 
 
 class _WatchedHealth(health.aio.HealthServicer):  # type: ignore[misc,name-defined]
@@ -77,8 +68,6 @@ class _WatchedHealth(health.aio.HealthServicer):  # type: ignore[misc,name-defin
 
     def __init__(self) -> None:
         super().__init__()
-        # Written by the server thread, read by the caller's loop: a float
-        # assignment is atomic under the GIL.
         self.last_check = time.monotonic()
 
     async def Check(
@@ -89,87 +78,6 @@ class _WatchedHealth(health.aio.HealthServicer):  # type: ignore[misc,name-defin
         self.last_check = time.monotonic()
         response: health_pb2.HealthCheckResponse = await super().Check(request, context)
         return response
-
-
-class _ServerThread:
-    """The session's grpc.aio server, on its own event loop in its own thread.
-
-    The daemon's traffic then never waits behind the caller's loop (solve,
-    progress rendering), the DiffCopy pump and the tunnel pump overlap, and
-    health checks keep being answered while the caller's loop is busy.
-    """
-
-    def __init__(self, build: Callable[[], grpc.aio.Server], *, name: str) -> None:
-        self._build = build
-        self._name = name
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        # Set by the thread once `_loop` and `_stop` exist, so stop() can never
-        # miss the thread, even if start() was cancelled half-way.
-        self._ready = threading.Event()
-
-    async def start(self, address: str) -> None:
-        """Start serving on `address`; raises SessionError if the server can't start."""
-        started: concurrent.futures.Future[None] = concurrent.futures.Future()
-        self._thread = threading.Thread(
-            target=asyncio.run, args=(self._serve(address, started),), name=self._name, daemon=True
-        )
-        self._thread.start()
-        try:
-            await asyncio.wrap_future(started)
-        except RuntimeError as exc:  # grpc's "Failed to bind to address ..."
-            raise SessionError(f"cannot serve the session on {address}: {exc}") from exc
-
-    async def _serve(self, address: str, started: concurrent.futures.Future[None]) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._stop = asyncio.Event()
-        self._ready.set()
-        # False if start() was cancelled first; once running it can't be cancelled.
-        if not started.set_running_or_notify_cancel():
-            return
-        try:
-            server = self._build()
-            server.add_insecure_port(address)
-            await server.start()
-        except Exception as exc:
-            started.set_exception(exc)
-            return
-        started.set_result(None)
-        try:
-            await self._stop.wait()
-        finally:
-            await server.stop(SERVER_STOP_GRACE_S)
-
-    async def stop(self) -> None:
-        """Stop the server (in-flight calls get a short grace) and join the thread."""
-        if self._thread is None:
-            return
-        thread = self._thread
-        await asyncio.to_thread(self._wait_ready, thread)
-        if self._loop is not None and self._stop is not None:
-            with contextlib.suppress(RuntimeError):  # its loop already ended
-                self._loop.call_soon_threadsafe(self._stop.set)
-        await asyncio.to_thread(thread.join)
-
-    def _wait_ready(self, thread: threading.Thread) -> None:
-        while not self._ready.wait(0.1) and thread.is_alive():
-            pass
-
-
-def _private_dir() -> str:
-    """A fresh 0700 directory for the session socket, short enough to bind in.
-
-    The socket serves the build context, credentials and secrets, so only our
-    user may reach it. mkdtemp creates the directory 0700 atomically.
-    """
-    for parent in (None, "/tmp"):
-        path = tempfile.mkdtemp(prefix="lucity-s-", dir=parent)
-        if len(os.path.join(path, SOCKET_NAME)) <= MAX_SOCKET_PATH:
-            os.chmod(path, 0o700)
-            return path
-        os.rmdir(path)
-    raise SessionError("no temporary directory short enough for a Unix socket")
 
 
 _SessionCall = grpc.aio.StreamStreamCall[control_pb2.BytesMessage, control_pb2.BytesMessage]
@@ -215,8 +123,6 @@ class Session:
         self.failed = asyncio.Event()
         """Set when the tunnel broke while attached; `error` then says why."""
         self.error: SessionError | None = None
-        self.socket_path: str | None = None
-        """The private socket while attached (for diagnostics and tests)."""
         self._closing = False
 
     def __repr__(self) -> str:
@@ -246,13 +152,8 @@ class Session:
         headers += [(HEADER_METHOD, m) for m in self.methods]
         return headers
 
-    def _server(self) -> grpc.aio.Server:
-        server = grpc.aio.server(
-            options=[
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ]
-        )
+    def _server(self) -> TunnelServer:
+        server = MethodRegistry()
         # The generated registration functions are untyped.
         self._health = _WatchedHealth()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
@@ -264,7 +165,11 @@ class Session:
         if self._secrets:
             secrets = SecretsServicer(self._secrets)
             secrets_pb2_grpc.add_SecretsServicer_to_server(secrets, server)  # type: ignore[no-untyped-call]
-        return server
+        return TunnelServer(server.methods, on_failure=self._on_server_failure)
+
+    def _on_server_failure(self, message: str) -> None:
+        if not self._closing:
+            self._fail(message, None)
 
     def attach(
         self, control: control_pb2_grpc.ControlStub
@@ -282,18 +187,14 @@ class Session:
         self.failed.clear()
         self.error = None
         self._closing = False
-        private_dir = _private_dir()
-        server = _ServerThread(self._server, name=f"session-server-{self.id[:8]}")
+        server = self._server()
         tasks: list[asyncio.Task[None]] = []
         call: _SessionCall | None = None
-        writer: asyncio.StreamWriter | None = None
         try:
-            socket_path = self.socket_path = os.path.join(private_dir, SOCKET_NAME)
-            await server.start(f"unix:{socket_path}")
-            reader, writer = await asyncio.open_unix_connection(socket_path)
-            call = control.Session(self._outgoing(reader), metadata=self.headers())
+            server.start()
+            call = control.Session(self._outgoing(server), metadata=self.headers())
             await self._await_daemon(call)
-            tasks.append(asyncio.create_task(self._incoming(call, writer), name="session-in"))
+            tasks.append(asyncio.create_task(self._incoming(call, server), name="session-in"))
             tasks.append(asyncio.create_task(self._watch(call), name="session-watch"))
             if self.health_silence_s is not None:
                 tasks.append(
@@ -313,13 +214,7 @@ class Session:
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-            if writer is not None:
-                writer.close()
-                with contextlib.suppress(OSError):
-                    await writer.wait_closed()
-            await server.stop()
-            shutil.rmtree(private_dir, ignore_errors=True)
-            self.socket_path = None
+            await server.aclose()
 
     async def _await_daemon(self, call: _SessionCall) -> None:
         """Wait for the daemon's response headers, so a dead daemon fails here, not later."""
@@ -342,33 +237,16 @@ class Session:
                 f"buildkitd ended the session at once: {code.name}: {details}", code=code
             )
 
-    async def _outgoing(
-        self, reader: asyncio.StreamReader
-    ) -> AsyncIterator[control_pb2.BytesMessage]:
-        """Bytes our server writes to the private socket, as tunnel messages."""
-        while True:
-            try:
-                data = await reader.read(TUNNEL_READ_SIZE)
-            except OSError as exc:
-                self._fail(f"session socket read failed: {exc}", None)
-                return
-            if not data:
-                # Our server closed the connection: ends the stream (half-close).
-                if not self._closing:
-                    self._fail("the local session server closed the tunnel", None)
-                return
+    async def _outgoing(self, server: TunnelServer) -> AsyncIterator[control_pb2.BytesMessage]:
+        """The server's HTTP/2 output, as tunnel messages (half-closes when it ends)."""
+        while (data := await server.next_output(TUNNEL_MESSAGE_BYTES)) is not None:
             yield control_pb2.BytesMessage(data=data)
 
-    async def _incoming(
-        self,
-        call: _SessionCall,
-        writer: asyncio.StreamWriter,
-    ) -> None:
-        """Tunnel messages from the daemon, written to the private socket."""
+    async def _incoming(self, call: _SessionCall, server: TunnelServer) -> None:
+        """Tunnel messages from the daemon, fed to the server."""
         try:
             async for message in call:
-                writer.write(message.data)
-                await writer.drain()
+                server.receive_data(message.data)
         except grpc.aio.AioRpcError as exc:
             if not self._closing:
                 self._fail(
@@ -376,8 +254,9 @@ class Session:
                     exc.code(),
                 )
             return
-        except OSError as exc:
-            self._fail(f"session socket write failed: {exc}", None)
+        except TunnelProtocolError as exc:
+            self._fail(str(exc), None)
+            call.cancel()
             return
         if not self._closing:
             self._fail("buildkitd closed the session", None)
