@@ -4,9 +4,11 @@ Owns the tunnel only (BuildKit `session/session.go`, `session/grpchijack`):
 `Control.Session` carries raw HTTP/2 bytes, the daemon being the HTTP/2 client,
 and `tunnel.TunnelServer` serves the attachables (Health, Auth, FileSync,
 Secrets) on those bytes in this process and on the caller's event loop: no
-socket, no thread, no second gRPC stack. The attachables themselves live in
-`auth.py`, `sync.py` and `secrets.py`. A broken tunnel, or a daemon that stops
-health-checking us, sets `failed` and `error` instead of hanging.
+socket, no thread, no second gRPC stack. Health checks are therefore answered
+on the caller's loop, which must not block (the attachables walk and read files
+in worker threads). The attachables themselves live in `auth.py`, `sync.py` and
+`secrets.py`. A broken tunnel, or a daemon that stops health-checking us, sets
+`failed` and `error` instead of hanging.
 """
 
 from __future__ import annotations

@@ -45,6 +45,10 @@ FLUSH_BYTES = 256 * 1024
 # peer's flow-control window: this bounds memory per call.
 HIGH_WATER_BYTES = 4 * 1024 * 1024
 
+# Request headers that belong to HTTP/2 and gRPC framing, not to the call's
+# metadata (grpc.aio leaves them out of invocation_metadata(), as do we with grpc-*).
+_TRANSPORT_HEADERS = frozenset({"content-type", "te"})
+
 # What a servicer method gets from `context.read()` at the end of the requests;
 # sync.py compares against grpc.aio's own marker. grpc-stubs doesn't declare it.
 EOF: object = grpc.aio.EOF  # type: ignore[attr-defined]
@@ -336,7 +340,7 @@ class TunnelServer:
             value = raw_value.decode("utf-8", errors="replace")
             if name == ":path":
                 path = value
-            elif not name.startswith(":"):
+            elif not name.startswith((":", "grpc-")) and name not in _TRANSPORT_HEADERS:
                 metadata.append((name, value))
         handler = self._methods.get(path)
         if handler is None:

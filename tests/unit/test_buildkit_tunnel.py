@@ -150,6 +150,44 @@ async def test_unary_call_gets_headers_message_and_ok_trailers() -> None:
     assert pair.failures == []
 
 
+async def test_metadata_is_the_callers_only() -> None:
+    seen: list[tuple[str, str]] = []
+
+    async def record(request: bytes, context: Any) -> bytes:
+        seen.extend(context.invocation_metadata())
+        return b""
+
+    pair = Pair({"/t.S/Record": _unary(record)})
+    await pair.start()
+    stream_id = pair.client.get_next_available_stream_id()
+    pair.client.send_headers(
+        stream_id,
+        [
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", "/t.S/Record"),
+            (":authority", "session"),
+            ("content-type", "application/grpc"),
+            ("te", "trailers"),
+            ("grpc-timeout", "15S"),
+            ("user-agent", "grpc-go/1.74.2"),
+            ("exclude-patterns", "a"),
+            ("exclude-patterns", "b%C3%A4"),
+            ("exclude-patterns-encoded", "1"),
+        ],
+    )
+    pair.client.send_data(stream_id, _frame(b""), end_stream=True)
+    await pair.exchange()
+    assert pair.status(stream_id) == ("0", "")
+    # Repeated keys keep their order; sync.decode_metadata undoes the escaping.
+    assert seen == [
+        ("user-agent", "grpc-go/1.74.2"),
+        ("exclude-patterns", "a"),
+        ("exclude-patterns", "b%C3%A4"),
+        ("exclude-patterns-encoded", "1"),
+    ]
+
+
 @pytest.mark.parametrize(
     ("path", "handler", "status"),
     [
