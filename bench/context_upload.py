@@ -36,7 +36,7 @@ Run from the repository root (needs the test bed: scripts/install-testbed.sh):
     .venv/bin/python -m bench.context_upload --files 1 --mib 100 --reps 5
 
 To see where the Python client's time goes, run it alone under a sampling profiler
-that sees every thread (the session server has its own thread), e.g. py-spy
+that sees every thread (grpc's own threads, file reads in workers), e.g. py-spy
 installed ad hoc outside the project's dependencies:
 
     py-spy record --threads -f raw -o /tmp/upload.folded -- \
