@@ -194,7 +194,11 @@ class Session:
         call: _SessionCall | None = None
         try:
             server.start()
-            call = control.Session(self._outgoing(server), metadata=self.headers())
+            # Written by our own task, not from a request iterator: grpc.aio would
+            # consume that in a task of its own that nobody awaits, and that keeps
+            # waiting for output after the call failed.
+            call = control.Session(metadata=self.headers())
+            tasks.append(asyncio.create_task(self._outgoing(call, server), name="session-out"))
             await self._await_daemon(call)
             tasks.append(asyncio.create_task(self._incoming(call, server), name="session-in"))
             tasks.append(asyncio.create_task(self._watch(call), name="session-watch"))
@@ -239,10 +243,15 @@ class Session:
                 f"buildkitd ended the session at once: {code.name}: {details}", code=code
             )
 
-    async def _outgoing(self, server: TunnelServer) -> AsyncIterator[control_pb2.BytesMessage]:
+    async def _outgoing(self, call: _SessionCall, server: TunnelServer) -> None:
         """The server's HTTP/2 output, as tunnel messages (half-closes when it ends)."""
-        while (data := await server.next_output(TUNNEL_MESSAGE_BYTES)) is not None:
-            yield control_pb2.BytesMessage(data=data)
+        try:
+            while (data := await server.next_output(TUNNEL_MESSAGE_BYTES)) is not None:
+                await call.write(control_pb2.BytesMessage(data=data))
+            await call.done_writing()
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            # The call has ended; _incoming and _watch report why.
+            return
 
     async def _incoming(self, call: _SessionCall, server: TunnelServer) -> None:
         """Tunnel messages from the daemon, fed to the server."""

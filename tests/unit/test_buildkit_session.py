@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import contextvars
 import hashlib
 import json
 import os
 import tempfile
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +44,24 @@ SECRET_PASSWORD = "pw-7f1c9e-never-on-disk"
 SECRET_VALUE = b"secret-value-3b8a-never-on-disk"
 
 
+async def _until_first_ends(*coros: Coroutine[Any, Any, object]) -> None:
+    """Run these until one ends; the others are cancelled and awaited, also on cancellation."""
+    tasks = [asyncio.create_task(c) for c in coros]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 class FakeControl(control_pb2_grpc.ControlServicer):
-    """A Control server whose Session bridges the stream to a Unix socket."""
+    """A Control server whose Session bridges the stream to a Unix socket.
+
+    Everything a Session call opens (the listener, the connections it accepts,
+    its bridging tasks) is closed and awaited before the call ends, also when
+    the client cancels it (grpc.aio then cancels this handler).
+    """
 
     def __init__(self, tunnel_path: str) -> None:
         self.tunnel_path = tunnel_path
@@ -60,49 +77,43 @@ class FakeControl(control_pb2_grpc.ControlServicer):
     ) -> None:
         self.metadata = [(k, str(v)) for k, v in context.invocation_metadata() or ()]
         await context.send_initial_metadata(())
-        connected: asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = (
-            asyncio.get_running_loop().create_future()
-        )
+        connections: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        connected = asyncio.Event()
 
-        async def accept(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-            connected.set_result((r, w))
+        def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            # Every connection is kept, so a second one is closed too.
+            connections.append((reader, writer))
+            connected.set()
 
         server = await asyncio.start_unix_server(accept, self.tunnel_path)
         self.listening.set()
-        tasks: list[asyncio.Task[None]] = []
         try:
-            breaker = asyncio.create_task(self.break_tunnel.wait())
-            waiters: list[asyncio.Future[Any]] = [connected, breaker]
-            done, _ = await asyncio.wait(waiters, return_when="FIRST_COMPLETED")
-            if breaker in done:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, "fake daemon went away")
-            breaker.cancel()
-            reader, writer = connected.result()
+            await _until_first_ends(connected.wait(), self.break_tunnel.wait())
+            if not self.break_tunnel.is_set():
+                reader, writer = connections[0]
 
-            async def to_daemon() -> None:
-                async for message in request_iterator:
-                    writer.write(message.data)
-                    await writer.drain()
+                async def to_daemon() -> None:
+                    async for message in request_iterator:
+                        writer.write(message.data)
+                        await writer.drain()
 
-            async def from_daemon() -> None:
-                while data := await reader.read(65536):
-                    await context.write(control_pb2.BytesMessage(data=data))
+                async def from_daemon() -> None:
+                    while data := await reader.read(65536):
+                        await context.write(control_pb2.BytesMessage(data=data))
 
-            tasks = [asyncio.create_task(to_daemon()), asyncio.create_task(from_daemon())]
-            breaker = asyncio.create_task(self.break_tunnel.wait())
-            await asyncio.wait([*tasks, breaker], return_when="FIRST_COMPLETED")
-            breaker.cancel()
-            writer.close()
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            if self.break_tunnel.is_set():
-                await context.abort(grpc.StatusCode.UNAVAILABLE, "fake daemon went away")
+                await _until_first_ends(to_daemon(), from_daemon(), self.break_tunnel.wait())
         finally:
-            for task in tasks:
-                task.cancel()
             server.close()
+            for _, conn in connections:
+                conn.close()
+            await asyncio.gather(
+                server.wait_closed(),
+                *(conn.wait_closed() for _, conn in connections),
+                return_exceptions=True,
+            )
             self.ended.set()
+        if self.break_tunnel.is_set():
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "fake daemon went away")
 
 
 @pytest.fixture
@@ -262,18 +273,52 @@ async def test_nothing_on_disk_and_secrets_stay_off_disk(
     assert "token" in repr(session)
 
 
+_IN_SESSION: contextvars.ContextVar[bool] = contextvars.ContextVar("in_session", default=False)
+
+
+@contextlib.contextmanager
+def _tasks_started_in_session() -> Iterator[list[asyncio.Task[Any]]]:
+    """Every task created, directly or by its tasks, where `_IN_SESSION` is set.
+
+    A task inherits its creator's context, so this finds the tasks started on
+    behalf of the session, also inside grpc.aio, and not the fake daemon's.
+    """
+    loop = asyncio.get_running_loop()
+    previous = loop.get_task_factory()
+    started: list[asyncio.Task[Any]] = []
+
+    def factory(loop: asyncio.AbstractEventLoop, coro: Any, /, **kwargs: Any) -> asyncio.Task[Any]:
+        task = asyncio.Task(coro, loop=loop, **kwargs)
+        if _IN_SESSION.get():
+            started.append(task)
+        return task
+
+    loop.set_task_factory(factory)
+    try:
+        yield started
+    finally:
+        loop.set_task_factory(previous)
+
+
 async def test_broken_tunnel_sets_failed_with_a_clear_error(
     fake_daemon: tuple[FakeControl, control_pb2_grpc.ControlStub, grpc.aio.Channel],
 ) -> None:
     fake, stub, tunnel = fake_daemon
     session = Session()
-    before = asyncio.all_tasks()
-    async with asyncio.timeout(30), session.attach(stub):
-        await fake.listening.wait()
-        health = health_pb2_grpc.HealthStub(tunnel)
-        await health.Check(health_pb2.HealthCheckRequest(service=""))
-        fake.break_tunnel.set()
-        await session.failed.wait()
+    with _tasks_started_in_session() as started:
+        async with asyncio.timeout(30):
+            marked = _IN_SESSION.set(True)
+            async with session.attach(stub):
+                _IN_SESSION.reset(marked)
+                await fake.listening.wait()
+                health = health_pb2_grpc.HealthStub(tunnel)
+                await health.Check(health_pb2.HealthCheckRequest(service=""))
+                fake.break_tunnel.set()
+                await session.failed.wait()
+            # attach() returns only once all it started has ended: after a failed
+            # call nobody else would cancel what still waits for the tunnel.
+            assert started
+            assert [t for t in started if not t.done()] == []
     assert isinstance(session.error, SessionError)
     code = session.error.code
     # The fake's abort races its own stream teardown: grpc reports either our
@@ -282,9 +327,6 @@ async def test_broken_tunnel_sets_failed_with_a_clear_error(
     assert str(session.error).startswith(f"session tunnel to buildkitd broke: {code.name}: ")
     if code == grpc.StatusCode.UNAVAILABLE:
         assert str(session.error).endswith("fake daemon went away")
-    await asyncio.sleep(0)
-    leaked = {t for t in asyncio.all_tasks() - before if not t.done()}
-    assert not {t.get_name() for t in leaked if t.get_name().startswith("session-")}
 
 
 async def test_clean_exit_leaves_no_failure_and_no_tasks(
