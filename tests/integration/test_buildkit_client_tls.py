@@ -8,7 +8,6 @@ certificate.
 
 from __future__ import annotations
 
-import datetime
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,12 +15,11 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from build_runner.buildkit.client import BuildkitClient, ConnectOptions, TLSOptions
 from build_runner.buildkit.errors import BuildkitUnavailableError
+from tests.testbed.pki import CertificateAuthority, CertPair
 from tests.testbed.process import Daemon, binary, free_port, port_open
 
 pytestmark = pytest.mark.buildkit
@@ -30,91 +28,31 @@ SERVER_NAME = "buildkitd.test"
 
 
 @dataclass(frozen=True)
-class Pair:
-    cert: Path
-    key: Path
-
-
-@dataclass(frozen=True)
 class TlsDaemon:
     address: str
     ca: Path
-    client: Pair
+    client: CertPair
     other_ca: Path
-
-
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-
-def _write(
-    directory: Path, stem: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey
-) -> Pair:
-    pair = Pair(directory / f"{stem}.pem", directory / f"{stem}-key.pem")
-    pair.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    pair.key.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    pair.key.chmod(0o600)
-    return pair
-
-
-def _issue(
-    directory: Path,
-    stem: str,
-    *,
-    subject: str,
-    issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None,
-    usage: x509.ObjectIdentifier | None = None,
-    dns: str | None = None,
-) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey, Pair]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(_name(subject))
-        .issuer_name(issuer[0].subject if issuer else _name(subject))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=2))
-        .add_extension(x509.BasicConstraints(ca=issuer is None, path_length=None), critical=True)
-    )
-    if usage is not None:
-        builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-    if dns is not None:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.DNSName(dns)]), critical=False
-        )
-    signer = issuer[1] if issuer else key
-    cert = builder.sign(signer, hashes.SHA256())
-    return cert, key, _write(directory, stem, cert, key)
 
 
 @pytest.fixture(scope="module")
 def tls_buildkitd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsDaemon]:
     directory = tmp_path_factory.mktemp("buildkitd-tls")
-    ca_cert, ca_key, ca = _issue(directory, "ca", subject="lucity test CA", issuer=None)
-    _, _, other_ca = _issue(directory, "other-ca", subject="unrelated CA", issuer=None)
+    ca = CertificateAuthority.create(directory, "ca", "lucity test CA")
+    other_ca = CertificateAuthority.create(directory, "other-ca", "unrelated CA")
     # The certificate names only SERVER_NAME, not 127.0.0.1: connecting by IP needs
     # the server-name override to verify.
-    _, _, server = _issue(
+    server = ca.issue(
         directory,
         "server",
-        subject=SERVER_NAME,
-        issuer=(ca_cert, ca_key),
+        common_name=SERVER_NAME,
         usage=ExtendedKeyUsageOID.SERVER_AUTH,
-        dns=SERVER_NAME,
+        sans=[x509.DNSName(SERVER_NAME)],
     )
-    _, _, client = _issue(
+    client = ca.issue(
         directory,
         "client",
-        subject="lucity-build-runner",
-        issuer=(ca_cert, ca_key),
+        common_name="lucity-build-runner",
         usage=ExtendedKeyUsageOID.CLIENT_AUTH,
     )
     port = free_port()
@@ -127,7 +65,7 @@ def tls_buildkitd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsDaemo
             "--addr",
             f"tcp://127.0.0.1:{port}",
             "--tlscacert",
-            str(ca.cert),
+            str(ca.files.cert),
             "--tlscert",
             str(server.cert),
             "--tlskey",
@@ -141,7 +79,10 @@ def tls_buildkitd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsDaemo
     try:
         daemon.wait_ready(lambda: port_open(port), timeout_s=30)
         yield TlsDaemon(
-            address=f"tcp://127.0.0.1:{port}", ca=ca.cert, client=client, other_ca=other_ca.cert
+            address=f"tcp://127.0.0.1:{port}",
+            ca=ca.files.cert,
+            client=client,
+            other_ca=other_ca.files.cert,
         )
     finally:
         daemon.stop()

@@ -138,39 +138,76 @@ def _save(
     return pair
 
 
+@dataclass(frozen=True)
+class CertificateAuthority:
+    """A throw-away CA that issues leaf certificates as PEM files.
+
+    The control plane's PKI below is built with it, and so is any test that needs
+    TLS of its own (e.g. a buildkitd requiring client certificates).
+    """
+
+    cert: x509.Certificate
+    key: ec.EllipticCurvePrivateKey
+    files: CertPair
+
+    @classmethod
+    def create(cls, directory: Path, stem: str, common_name: str) -> CertificateAuthority:
+        """Make a self-signed CA and write it as `<stem>.crt` / `<stem>.key`."""
+        directory.mkdir(parents=True, exist_ok=True)
+        key = _new_key()
+        name = _name(common_name)
+        cert = (
+            _builder(name, name, key.public_key())
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(
+                x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
+            )
+            .sign(key, hashes.SHA256())
+        )
+        return cls(cert=cert, key=key, files=_save(directory, stem, cert, key))
+
+    def issue(
+        self,
+        directory: Path,
+        stem: str,
+        *,
+        common_name: str,
+        usage: x509.ObjectIdentifier,
+        organization: str | None = None,
+        sans: list[x509.GeneralName] | None = None,
+    ) -> CertPair:
+        """Issue a leaf certificate for one usage (server or client auth) and write it."""
+        cert, key = _leaf(
+            ca_cert=self.cert,
+            ca_key=self.key,
+            subject=_name(common_name, organization),
+            usage=usage,
+            sans=sans,
+        )
+        return _save(directory, stem, cert, key)
+
+
 def create_pki(directory: Path, *, service_ip: str = "10.96.0.1") -> Pki:
     """Write a fresh CA and every certificate the control plane needs into directory.
 
     service_ip is the first address of the apiserver's service range: in-cluster
     clients reach the `kubernetes` Service there, so the serving cert names it.
     """
-    directory.mkdir(parents=True, exist_ok=True)
-
-    ca_key = _new_key()
-    ca_name = _name("lucity-test-ca")
-    ca_cert = (
-        _builder(ca_name, ca_name, ca_key.public_key())
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(
-            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    ca = _save(directory, "ca", ca_cert, ca_key)
+    ca = CertificateAuthority.create(directory, "ca", "lucity-test-ca")
 
     serving_sans: list[x509.GeneralName] = [
         x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
@@ -181,36 +218,25 @@ def create_pki(directory: Path, *, service_ip: str = "10.96.0.1") -> Pki:
         x509.DNSName("kubernetes.default.svc"),
         x509.DNSName("kubernetes.default.svc.cluster.local"),
     ]
-    apiserver = _save(
+    apiserver = ca.issue(
         directory,
         "apiserver",
-        *_leaf(
-            ca_cert=ca_cert,
-            ca_key=ca_key,
-            subject=_name("kube-apiserver"),
-            usage=ExtendedKeyUsageOID.SERVER_AUTH,
-            sans=serving_sans,
-        ),
+        common_name="kube-apiserver",
+        usage=ExtendedKeyUsageOID.SERVER_AUTH,
+        sans=serving_sans,
     )
-    admin = _save(
+    admin = ca.issue(
         directory,
         "admin",
-        *_leaf(
-            ca_cert=ca_cert,
-            ca_key=ca_key,
-            subject=_name(ADMIN_USER, ADMIN_GROUP),
-            usage=ExtendedKeyUsageOID.CLIENT_AUTH,
-        ),
+        common_name=ADMIN_USER,
+        organization=ADMIN_GROUP,
+        usage=ExtendedKeyUsageOID.CLIENT_AUTH,
     )
-    controller_manager = _save(
+    controller_manager = ca.issue(
         directory,
         "kube-controller-manager",
-        *_leaf(
-            ca_cert=ca_cert,
-            ca_key=ca_key,
-            subject=_name(CONTROLLER_MANAGER_USER),
-            usage=ExtendedKeyUsageOID.CLIENT_AUTH,
-        ),
+        common_name=CONTROLLER_MANAGER_USER,
+        usage=ExtendedKeyUsageOID.CLIENT_AUTH,
     )
 
     # Token signing keys are bare keys, not certificates: the apiserver signs
@@ -226,7 +252,7 @@ def create_pki(directory: Path, *, service_ip: str = "10.96.0.1") -> Pki:
     )
     return Pki(
         directory=directory,
-        ca=ca,
+        ca=ca.files,
         apiserver=apiserver,
         admin=admin,
         controller_manager=controller_manager,
