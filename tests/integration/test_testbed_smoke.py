@@ -27,7 +27,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.testbed.buildkit import BuildKit, read_image_digest, start_buildkitd
+from tests.testbed.buildkit import (
+    BuildKit,
+    dockerfile_build_args,
+    read_image_digest,
+    start_buildkitd,
+)
 from tests.testbed.process import REPO, DaemonError
 from tests.testbed.registry import Registry, start_registry
 
@@ -47,19 +52,6 @@ def _scratch_context(directory: Path) -> str:
     return payload
 
 
-def _dockerfile_build(context: Path, *output: str) -> list[str]:
-    return [
-        "build",
-        "--frontend",
-        "dockerfile.v0",
-        "--local",
-        f"context={context}",
-        "--local",
-        f"dockerfile={context}",
-        *output,
-    ]
-
-
 def test_push_without_client_credentials_is_refused(
     buildkitd: BuildKit, registry: Registry, empty_docker_config: Path, tmp_path: Path
 ) -> None:
@@ -67,7 +59,7 @@ def test_push_without_client_credentials_is_refused(
     ref = registry.ref("smoke/no-creds", "v1")
 
     result = buildkitd.buildctl(
-        *_dockerfile_build(tmp_path / "ctx", "--output", f"type=image,name={ref},push=true"),
+        *dockerfile_build_args(tmp_path / "ctx", "--output", f"type=image,name={ref},push=true"),
         docker_config=empty_docker_config,
         check=False,
     )
@@ -88,7 +80,7 @@ def test_push_with_client_credentials_only_succeeds(
     assert list(buildkitd.docker_config.iterdir()) == []
 
     buildkitd.buildctl(
-        *_dockerfile_build(
+        *dockerfile_build_args(
             tmp_path / "ctx",
             "--output",
             f"type=image,name={ref},push=true",
@@ -110,7 +102,7 @@ def test_daemon_holds_no_registry_credentials(
     # Push once first, so a daemon that cached session credentials would have them now.
     _scratch_context(tmp_path / "ctx")
     buildkitd.buildctl(
-        *_dockerfile_build(
+        *dockerfile_build_args(
             tmp_path / "ctx",
             "--output",
             f"type=image,name={registry.ref('smoke/scan', 'v1')},push=true",
@@ -183,7 +175,7 @@ def test_base_image_runs_build_steps(
     dest = tmp_path / "export"
 
     buildkitd.buildctl(
-        *_dockerfile_build(context, "--output", f"type=local,dest={dest}"),
+        *dockerfile_build_args(context, "--output", f"type=local,dest={dest}"),
         docker_config=registry_docker_config,
     )
 
@@ -257,7 +249,7 @@ def test_stop_leaves_no_build_step_processes(
     context.mkdir()
     (context / "Dockerfile").write_text(f"FROM {base_image}\nRUN sleep {marker} & sleep {marker}\n")
     build = subprocess.Popen(
-        [str(kit.buildctl_path), "--addr", kit.address, *_dockerfile_build(context)],
+        [str(kit.buildctl_path), "--addr", kit.address, *dockerfile_build_args(context)],
         env={"DOCKER_CONFIG": str(registry_docker_config)},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -294,7 +286,7 @@ def test_public_registry_names_are_served_by_the_test_registry(
     stand_in.mkdir()
     (stand_in / "Dockerfile").write_text(f"FROM {base_image}\n")
     buildkitd.buildctl(
-        *_dockerfile_build(
+        *dockerfile_build_args(
             stand_in,
             "--output",
             f"type=image,name={registry.ref('lucity-test/runtime', 'v1')},push=true",
@@ -307,7 +299,7 @@ def test_public_registry_names_are_served_by_the_test_registry(
         "FROM ghcr.io/lucity-test/runtime:v1\nRUN echo from-the-mirror > /out\n"
         "FROM scratch\nCOPY --from=0 /out /\n"
     )
-    build = _dockerfile_build(context, "--output", f"type=local,dest={tmp_path / 'export'}")
+    build = dockerfile_build_args(context, "--output", f"type=local,dest={tmp_path / 'export'}")
 
     refused = buildkitd.buildctl(*build, docker_config=empty_docker_config, check=False)
     buildkitd.buildctl(*build, docker_config=registry_docker_config)

@@ -464,11 +464,9 @@ def prepare_base_context(directory: Path) -> Path:
     return directory
 
 
-def build_base_image(kit: BuildKit, ref: str, *, docker_config: Path, workdir: Path) -> str:
-    """Build the busybox base image offline and push it as `ref`; returns its digest."""
-    context = prepare_base_context(workdir / "busybox-base-context")
-    metadata = workdir / "busybox-base-metadata.json"
-    kit.buildctl(
+def dockerfile_build_args(context: Path, *output: str) -> list[str]:
+    """`buildctl build` arguments for the Dockerfile in `context`, also the build context."""
+    return [
         "build",
         "--frontend",
         "dockerfile.v0",
@@ -476,6 +474,16 @@ def build_base_image(kit: BuildKit, ref: str, *, docker_config: Path, workdir: P
         f"context={context}",
         "--local",
         f"dockerfile={context}",
+        *output,
+    ]
+
+
+def build_base_image(kit: BuildKit, ref: str, *, docker_config: Path, workdir: Path) -> str:
+    """Build the busybox base image offline and push it as `ref`; returns its digest."""
+    context = prepare_base_context(workdir / "busybox-base-context")
+    metadata = workdir / "busybox-base-metadata.json"
+    kit.buildctl(
+        *dockerfile_build_args(context),
         "--output",
         f"type=image,name={ref},push=true",
         "--metadata-file",
