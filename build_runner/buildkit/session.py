@@ -156,9 +156,8 @@ class Session:
 
     def _server(self) -> TunnelServer:
         server = MethodRegistry()
-        # The generated registration functions are untyped.
-        self._health = _WatchedHealth()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        # The generated registration functions below are untyped.
         auth = AuthServicer(self._credentials)
         auth_pb2_grpc.add_AuthServicer_to_server(auth, server)  # type: ignore[no-untyped-call]
         if self._local_dirs:
